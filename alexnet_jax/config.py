@@ -1,0 +1,99 @@
+"""The full set of configuration keys, with the paper's recipe as defaults.
+
+Config files in configs/ start from `default()` and change a few fields, so
+every run has every key and a mistyped override fails at once.
+"""
+
+import ml_collections
+
+# The released 2012 code's per-channel ImageNet mean and RGB PCA (0-255 units).
+IMAGENET_MEAN_RGB = (127.3, 119.7, 104.9)
+IMAGENET_PCA_EIGVALS = (121.78, 37.09, 19.72)      # sqrt of eigenvalues: s
+IMAGENET_PCA_EIGVECS = ((-0.5635, -0.7126, 0.4180),  # rows: R, G, B;
+                        (-0.5762, -0.0235, -0.8170),  # columns: eigenvectors
+                        (-0.5920, 0.7012, 0.3973))
+
+
+def default() -> ml_collections.ConfigDict:
+  """AlexNet trained as in the paper on ILSVRC-2012."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dtype = 'float32'          # compute dtype; parameters stay float32
+  c.image_size = 224           # the network's input
+  c.resize_size = 256          # shorter side, then a centre square
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = 'paper_2012'
+  c.model.num_classes = 1000
+  c.model.width = 1.0          # multiplies every layer's width
+  c.model.dropout_rate = 0.5
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'imagenet2012'  # builtin, a TFDS name, or folder:PATH
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'validation'
+  c.dataset.mean_rgb = IMAGENET_MEAN_RGB
+  c.dataset.pca_eigvals = IMAGENET_PCA_EIGVALS
+  c.dataset.pca_eigvecs = IMAGENET_PCA_EIGVECS
+  c.dataset.lighting_std = 0.1     # alpha ~ N(0, 0.1) per image
+  c.dataset.shuffle_buffer = 16384
+  c.dataset.builtin_train_per_class = 600
+  c.dataset.builtin_eval_per_class = 100
+
+  c.batch_size = 128               # global, over all devices and hosts
+  c.num_epochs = 90
+  c.num_train_steps = -1           # -1: from num_epochs
+
+  c.learning_rate = 0.01
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.bias_lr_multiplier = 1.0
+  c.bias_weight_decay = True
+  c.lr_schedule = 'plateau'        # or 'piecewise'
+  c.lr_factor = 0.1
+  c.warmup_epochs = 0.0            # linear warm-up; the paper has none
+  c.lr_boundaries_epochs = (25, 51, 79)  # the released run's divisions
+  c.plateau = ml_collections.ConfigDict()
+  c.plateau.patience = 3           # evaluations without improvement
+  c.plateau.max_reductions = 3
+  c.plateau.min_delta = 0.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1: all remaining devices
+  c.mesh.tower = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.crops = 1                 # 1: centre crop; 10: corners, centre, mirrors
+  c.eval.batch_size = 128
+
+  c.log_every_steps = 100
+  c.eval_every_steps = -1          # -1: once an epoch
+  c.checkpoint_every_steps = 5000
+  c.keep_checkpoints = 3
+  return c
+
+
+def validate(config) -> None:
+  """Reject values no part of the program can use, naming the key to fix."""
+  from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  choices = {
+      'model.variant': (config.model.variant, tuple(models.VARIANTS)),
+      'lr_schedule': (config.lr_schedule, ('plateau', 'piecewise')),
+      'eval.crops': (config.eval.crops, (1, 10)),
+      'dtype': (config.dtype, ('float32', 'bfloat16', 'float16')),
+  }
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise errors.UserError(
+          f'{key}={value!r} is not supported: use one of '
+          f'{", ".join(map(repr, allowed))}')
+  if config.image_size < 64:
+    raise errors.UserError(f'image_size={config.image_size} is too small: '
+                           f'AlexNet needs at least 64 pixels')
+  if config.resize_size < config.image_size:
+    raise errors.UserError(
+        f'resize_size={config.resize_size} is smaller than image_size='
+        f'{config.image_size}: set resize_size >= image_size')

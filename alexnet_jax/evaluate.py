@@ -1,0 +1,40 @@
+"""Top-1 / top-5 error of parameters over a whole evaluation split."""
+
+import jax
+import numpy as np
+
+from alexnet_jax import checkpoints
+from alexnet_jax import input_pipeline
+from alexnet_jax import metric_writer
+from alexnet_jax import models
+from alexnet_jax import train
+
+
+def evaluate_params(config, eval_step, params,
+                    src: input_pipeline.Source) -> dict[str, float]:
+  """Mean loss, top-1 and top-5 error, each example counted exactly once."""
+  totals = None
+  for batch in input_pipeline.eval_batches(config, src):
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  totals = jax.device_get(totals)
+  if float(totals['count']) != src.num_examples:
+    raise AssertionError(f'evaluated {totals["count"]} examples of '
+                         f'{src.num_examples}')
+  return train.means(totals)
+
+
+def run(config, workdir: str) -> dict[str, float]:
+  """--mode=eval: evaluate the latest checkpoint in workdir."""
+  model = models.build(config)
+  abstract_state = jax.eval_shape(train.create_train_state, config, model)
+  mngr = checkpoints.manager(workdir, read_only=True)
+  state = checkpoints.restore(mngr, abstract_state)
+  src = input_pipeline.source(config, config.dataset.eval_split)
+  metrics = evaluate_params(config, train.make_eval_step(config, model),
+                            state.params, src)
+  split = f'eval_{config.eval.crops}crop'
+  metric_writer.MetricWriter(workdir).write(int(state.step), split, metrics)
+  print(f'step {int(state.step)} {split}: ' + ', '.join(
+      f'{k} {v:.4f}' for k, v in sorted(metrics.items())), flush=True)
+  return metrics

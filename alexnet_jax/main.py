@@ -1,0 +1,57 @@
+"""Train or evaluate AlexNet.
+
+  python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR
+  python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
+      --mode=eval
+
+Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from alexnet_jax import config as config_lib
+from alexnet_jax import errors
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file with get_config().',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Folder for checkpoints, logs and metrics.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train (or resume), or eval the latest checkpoint.')
+flags.mark_flags_as_required(['config', 'workdir'])
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def _run(mode: str, config, workdir: str) -> None:
+  # Imported here so that --help and flag errors stay fast.
+  from alexnet_jax import evaluate
+  from alexnet_jax import trainer
+  if mode == 'train':
+    trainer.train_and_evaluate(config, workdir)
+  else:
+    evaluate.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    config_lib.validate(_CONFIG.value)
+    _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

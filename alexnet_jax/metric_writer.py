@@ -1,0 +1,32 @@
+"""Scalars to metrics.jsonl (one JSON object per point) and to TensorBoard."""
+
+import json
+import os
+
+import jax
+
+
+class MetricWriter:
+  """Writes once per job (process 0); every process may call it."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._summaries = {}
+    self._workdir = workdir
+
+  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+    if not self._active:
+      return
+    import tensorflow as tf  # TensorBoard events; not needed on GPU hosts
+    record = {'step': int(step), 'split': split}
+    record.update({k: float(v) for k, v in scalars.items()})
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if split not in self._summaries:
+      self._summaries[split] = tf.summary.create_file_writer(
+          os.path.join(self._workdir, 'tensorboard', split))
+    with self._summaries[split].as_default():
+      for name, value in scalars.items():
+        tf.summary.scalar(name, float(value), step=int(step))
+    self._summaries[split].flush()

@@ -1,0 +1,136 @@
+"""Train state and the pure, compiled train and eval steps.
+
+Nothing here imports TensorFlow: the GPU benchmark builds these steps on
+machines that only have JAX, Flax, Optax and Orbax.
+
+A batch is a dict of device arrays: 'image' uint8 (B, H, W, 3) as decoded,
+'label' int32 (B,), and for training 'lighting' float32 (B, 3), the PCA
+colour shift the input pipeline drew for each image. Normalising on the
+device keeps host-to-device traffic at one byte per pixel.
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from alexnet_jax import models
+from alexnet_jax import optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  plateau: optimizer.Plateau
+  rng: jax.Array  # dropout keys are fold_in(rng, step)
+
+
+def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
+  return optimizer.paper_sgd(
+      momentum=config.momentum, weight_decay=config.weight_decay,
+      bias_lr_multiplier=config.bias_lr_multiplier,
+      bias_weight_decay=config.bias_weight_decay)
+
+
+def create_train_state(config, model: models.AlexNet) -> TrainState:
+  """The initial state; a pure function of config.seed."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  params = models.init_params(model, init_rng, config.image_size)
+  return TrainState(
+      step=jnp.asarray(0, jnp.int32),
+      params=params,
+      opt_state=make_optimizer(config).init(params),
+      plateau=optimizer.Plateau.initial(),
+      rng=jax.random.key_data(dropout_rng),
+  )
+
+
+def normalize(images: jax.Array, mean_rgb, lighting=None) -> jax.Array:
+  """uint8 pixels to the network's input: minus the mean, plus lighting."""
+  x = images.astype(jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
+  if lighting is not None:
+    x = x + lighting[:, None, None, :]
+  return x
+
+
+def classification_sums(logits: jax.Array, labels: jax.Array,
+                        weights: jax.Array) -> dict[str, jax.Array]:
+  """Sums of loss, top-1 and top-5 errors over the examples with weight 1.
+
+  Sums (not means) so that batches, hosts and padded last batches combine
+  exactly: divide by 'count' at the end.
+  """
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+  # An example's rank: how many classes score strictly higher than its label.
+  rank = jnp.sum(logits > label_logit, axis=-1)
+  return {
+      'loss': jnp.sum(loss * weights),
+      'top1_error': jnp.sum((rank >= 1) * weights),
+      'top5_error': jnp.sum((rank >= 5) * weights),
+      'count': jnp.sum(weights),
+  }
+
+
+def means(sums: dict[str, Any]) -> dict[str, float]:
+  count = float(sums['count'])
+  return {k: float(v) / count for k, v in sums.items() if k != 'count'}
+
+
+def make_train_step(config, model: models.AlexNet,
+                    steps_per_epoch: int) -> Callable:
+  """A compiled `(state, batch) -> (state, metrics)`; the state is donated."""
+  tx = make_optimizer(config)
+
+  def train_step(state: TrainState, batch):
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                     state.step)
+    images = normalize(batch['image'], config.dataset.mean_rgb,
+                       batch['lighting'])
+
+    def loss_fn(params):
+      logits = model.apply({'params': params}, images, train=True,
+                           dropout_rng=dropout_rng)
+      sums = classification_sums(logits, batch['label'],
+                                 jnp.ones_like(batch['label'], jnp.float32))
+      return sums['loss'] / sums['count'], sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    lr = optimizer.learning_rate(config, state.step, state.plateau,
+                                 steps_per_epoch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   learning_rate=lr)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    metrics = {k: v / sums['count'] for k, v in sums.items() if k != 'count'}
+    metrics['learning_rate'] = lr
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(config, model: models.AlexNet) -> Callable:
+  """A compiled `(params, batch) -> sums`.
+
+  batch['image'] is (B, H, W, 3) or, for multi-crop evaluation,
+  (B, crops, H, W, 3): the softmax is averaged over the crops as in the
+  paper. batch['mask'] is 0 for padding examples, which are not counted.
+  """
+
+  def eval_step(params, batch):
+    images = batch['image']
+    crops = images.shape[1] if images.ndim == 5 else 1
+    flat = images.reshape((-1,) + images.shape[-3:])
+    logits = model.apply({'params': params},
+                         normalize(flat, config.dataset.mean_rgb))
+    probs = jax.nn.softmax(logits).reshape(images.shape[0], crops, -1)
+    mean_log_probs = jnp.log(jnp.mean(probs, axis=1))
+    return classification_sums(mean_log_probs, batch['label'],
+                               batch['mask'].astype(jnp.float32))
+
+  return jax.jit(eval_step)

@@ -1,0 +1,9 @@
+"""One tower, as in "One weird trick..." (2014, cuda-convnet2 layers-imagenet-1gpu)."""
+
+from alexnet_jax import config as config_lib
+
+
+def get_config():
+  config = config_lib.default()
+  config.model.variant = 'one_tower_2014'
+  return config

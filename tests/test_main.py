@@ -1,0 +1,99 @@
+"""The command line, end to end: train, checkpoint, eval, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, check=True):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.main', *args], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600)
+  if check and result.returncode:
+    raise AssertionError(result.stderr[-3000:])
+  return result
+
+
+def _tiny_flags(data_dir):
+  return ['--config=configs/quickstart.py',
+          f'--config.dataset.data_dir={data_dir}',
+          '--config.dataset.builtin_train_per_class=8',
+          '--config.dataset.builtin_eval_per_class=3',
+          '--config.model.width=0.125', '--config.batch_size=16',
+          '--config.num_train_steps=4', '--config.log_every_steps=2',
+          '--config.checkpoint_every_steps=2', '--config.eval.batch_size=7']
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  train = _main(*_tiny_flags(data_dir), f'--workdir={workdir}')
+  assert 'images/sec' in train.stdout and 'ETA' in train.stdout
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  assert os.listdir(os.path.join(workdir, 'tensorboard', 'train'))
+  records = _records(workdir)
+  final_eval = [r for r in records if r['split'] == 'eval'][-1]
+  assert final_eval['step'] == 4
+  assert {'top1_error', 'top5_error', 'loss'} <= set(final_eval)
+
+  _main(*_tiny_flags(data_dir), f'--workdir={workdir}', '--mode=eval')
+  restored = _records(workdir)[-1]
+  assert restored['split'] == 'eval_1crop' and restored['step'] == 4
+  for key in ('top1_error', 'top5_error', 'loss'):
+    assert restored[key] == pytest.approx(final_eval[key], rel=1e-6)
+
+
+def test_one_step_of_the_ilsvrc2012_config_checkpoints_60965224_params(
+    tmp_path, data_dir):
+  workdir = str(tmp_path / 'paper')
+  _main('--config=configs/ilsvrc2012.py', f'--workdir={workdir}',
+        '--config.dataset.name=builtin', f'--config.dataset.data_dir={data_dir}',
+        '--config.dataset.builtin_train_per_class=8',
+        '--config.dataset.builtin_eval_per_class=1',
+        '--config.num_train_steps=1', '--config.batch_size=8',
+        '--config.eval.batch_size=10')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'checkpoints', '1', 'state')
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(path)
+  count = sum(int(np.prod(np.shape(p)))
+              for p in __import__('jax').tree.leaves(state['params']))
+  assert count == 60_965_224
+
+
+def test_an_unknown_config_key_fails_in_one_clear_line(tmp_path):
+  result = _main('--config=configs/quickstart.py', '--config.batch_sise=8',
+                 f'--workdir={tmp_path}/x', check=False)
+  assert result.returncode != 0
+  assert 'batch_sise' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'x')
+
+
+def test_a_bad_config_value_fails_in_one_clear_line(tmp_path):
+  result = _main('--config=configs/quickstart.py',
+                 '--config.model.variant=alexnet_v9',
+                 f'--workdir={tmp_path}/x', check=False)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "error: model.variant='alexnet_v9' is not supported")
+
+
+def test_eval_without_a_checkpoint_fails_in_one_clear_line(tmp_path):
+  result = _main('--config=configs/quickstart.py', '--mode=eval',
+                 f'--workdir={tmp_path}/never_trained', check=False)
+  assert result.returncode == 1
+  assert 'no checkpoint' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'never_trained')

@@ -1,0 +1,182 @@
+"""The network's facts: shapes, parameter counts, LRN, initialisation."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import models
+from alexnet_jax import parallel
+
+
+def _model(variant='paper_2012', **kwargs):
+  v = models.get_variant(variant)
+  return models.AlexNet(variant=v, towers=parallel.Towers(v.towers), **kwargs)
+
+
+def _lrn_numpy(a, k, n, alpha, beta):
+  """The paper's formula, literally, in float64."""
+  a = a.astype(np.float64)
+  channels = a.shape[-1]
+  b = np.empty_like(a)
+  for i in range(channels):
+    lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+    total = np.sum(a[..., lo:hi + 1] ** 2, axis=-1)
+    b[..., i] = a[..., i] / (k + alpha * total) ** beta
+  return b
+
+
+@pytest.mark.parametrize('lrn', [models.LRN(), models.LRN(alpha=1e-4 / 5),
+                                 models.LRN(k=1.0, n=3, alpha=0.5, beta=0.5)])
+def test_lrn_matches_the_formula_including_edge_channels(lrn):
+  rng = np.random.default_rng(0)
+  # Large values so that the normalisation is far from the identity.
+  a = rng.normal(0, 60, (2, 3, 3, 7)).astype(np.float32)
+  got = np.asarray(models.local_response_norm(jnp.asarray(a), lrn))
+  want = _lrn_numpy(a, lrn.k, lrn.n, lrn.alpha, lrn.beta)
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+  assert not np.allclose(got, a, rtol=1e-2)
+
+
+def test_same_map_norm_matches_a_direct_sum():
+  rng = np.random.default_rng(1)
+  a = rng.normal(0, 30, (1, 6, 7, 2)).astype(np.float32)
+  norm = models.SameMapNorm()
+  got = np.asarray(models.same_map_norm(jnp.asarray(a), norm))
+  a64 = a.astype(np.float64)
+  want = np.empty_like(a64)
+  for y in range(6):
+    for x in range(7):
+      window = a64[:, max(0, y - 2):y + 3, max(0, x - 2):x + 3]
+      total = np.sum(window ** 2, axis=(1, 2))
+      want[:, y, x] = a64[:, y, x] / (norm.k + norm.scale * total) ** norm.power
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize('variant,count', [
+    ('paper_2012', 60_965_224), ('released_2012', 60_965_224),
+    ('one_tower_2014', 61_100_840), ('torchvision', 61_100_840)])
+def test_parameter_counts(variant, count):
+  model = _model(variant)
+  params = jax.eval_shape(
+      lambda: models.init_params(model, jax.random.key(0), 224))
+  assert models.count_params(params) == count
+
+
+def test_every_layer_output_shape_at_224_pixels():
+  model = _model()
+  images = jnp.zeros((2, 224, 224, 3))
+  params = jax.eval_shape(
+      lambda: models.init_params(model, jax.random.key(0), 224))
+
+  def shapes(params):
+    _, state = model.apply({'params': params}, images,
+                           capture_intermediates=True)
+    return state['intermediates']
+
+  out = jax.eval_shape(shapes, params)
+  per_tower = {
+      'conv1': (2, 55, 55, 48), 'conv2': (2, 27, 27, 128),
+      'conv3': (2, 13, 13, 192), 'conv4': (2, 13, 13, 192),
+      'conv5': (2, 13, 13, 128), 'fc6': (2, 2048), 'fc7': (2, 2048)}
+  for layer, shape in per_tower.items():
+    towers = out[layer]['__call__'][0]
+    assert [t.shape for t in towers] == [shape, shape], layer
+  assert out['fc8']['__call__'][0].shape == (2, 1000)
+  assert out['__call__'][0].shape == (2, 1000)
+
+
+def test_pooling_and_padding_reach_the_paper_sizes():
+  assert models.conv1_padding(224, 'ceil') == ((0, 3), (0, 3))
+  x = jnp.zeros((1, 55, 55, 1))
+  assert models.max_pool(x).shape == (1, 27, 27, 1)
+  assert models.max_pool(models.max_pool(x)).shape == (1, 13, 13, 1)
+  assert models.max_pool(jnp.zeros((1, 13, 13, 1))).shape == (1, 6, 6, 1)
+
+
+def test_small_images_and_widths_work():
+  model = _model(width=0.25, num_classes=10)
+  params = models.init_params(model, jax.random.key(0), 64)
+  logits = model.apply({'params': params}, jnp.ones((3, 64, 64, 3)))
+  assert logits.shape == (3, 10)
+  assert params['conv1']['kernel'].shape == (2, 11, 11, 3, 12)
+
+
+def test_initial_statistics_per_layer():
+  params = models.init_params(_model(), jax.random.key(0), 224)
+  ones = {'conv2', 'conv4', 'conv5', 'fc6', 'fc7'}
+  for layer in models.LAYERS:
+    w, b = np.asarray(params[layer]['kernel']), np.asarray(params[layer]['bias'])
+    assert abs(w.mean()) < 1e-3, layer
+    assert w.std() == pytest.approx(0.01, rel=0.05), layer
+    np.testing.assert_array_equal(b, 1.0 if layer in ones else 0.0)
+
+
+def test_released_variant_initialises_conv3_to_5_wider():
+  params = models.init_params(_model('released_2012'), jax.random.key(0), 224)
+  for layer, std in [('conv1', 0.01), ('conv3', 0.03), ('conv4', 0.03),
+                     ('conv5', 0.03), ('fc6', 0.01)]:
+    assert np.asarray(params[layer]['kernel']).std() == pytest.approx(
+        std, rel=0.05), layer
+
+
+def test_narrow_networks_keep_the_paper_activation_scale():
+  """std grows by sqrt(paper fan-in / fan-in) when the net is narrowed."""
+  params = models.init_params(_model(width=0.25), jax.random.key(0), 64)
+  # conv2 sees 12 channels instead of 48: std 0.01 * sqrt(4).
+  assert np.asarray(params['conv2']['kernel']).std() == pytest.approx(
+      0.02, rel=0.05)
+  # conv1 always sees the 3 colour channels: unchanged.
+  assert np.asarray(params['conv1']['kernel']).std() == pytest.approx(
+      0.01, rel=0.05)
+
+
+def test_torchvision_variant_uses_pytorch_default_init():
+  params = models.init_params(_model('torchvision'), jax.random.key(0), 224)
+  w = np.asarray(params['conv2']['kernel'])
+  bound = 1 / math.sqrt(5 * 5 * 64)
+  assert w.min() >= -bound and w.max() <= bound
+  assert w.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+  assert 'conv1' in params and params['conv1']['kernel'].shape == (
+      1, 11, 11, 3, 64)
+
+
+def test_dropout_only_in_training_and_differs_per_key():
+  model = _model(width=0.25, num_classes=10)
+  params = models.init_params(model, jax.random.key(0), 64)
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3)) * 50
+  apply = lambda **kw: model.apply({'params': params}, x, **kw)
+  np.testing.assert_array_equal(apply(), apply())
+  a = apply(train=True, dropout_rng=jax.random.key(2))
+  b = apply(train=True, dropout_rng=jax.random.key(3))
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(
+      a, apply(train=True, dropout_rng=jax.random.key(2)))
+
+
+def test_conv3_and_fc_layers_see_both_towers():
+  """Zeroing tower 1's conv2 changes tower 0's conv3 but not its conv4 input."""
+  model = _model(width=0.25, num_classes=10)
+  params = models.init_params(model, jax.random.key(0), 64)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 50
+
+  def towers_of(params, layer):
+    _, state = model.apply({'params': params}, x, capture_intermediates=True)
+    return state['intermediates'][layer]['__call__'][0]
+
+  cut = jax.tree.map(lambda p: p, params)
+  cut['conv2'] = {k: v.at[1].set(0.0) for k, v in params['conv2'].items()}
+  # conv2 is within-tower: tower 0's conv2 output is unchanged.
+  np.testing.assert_array_equal(towers_of(params, 'conv2')[0],
+                                towers_of(cut, 'conv2')[0])
+  # conv3 is cross-tower: tower 0's conv3 output changes.
+  assert not np.allclose(towers_of(params, 'conv3')[0],
+                         towers_of(cut, 'conv3')[0])
+
+
+def test_unknown_variant_is_rejected_with_the_choices():
+  with pytest.raises(Exception, match='unknown model.variant .*paper_2012'):
+    models.get_variant('alexnet_v3')

@@ -1,0 +1,84 @@
+"""The compiled train and eval steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alexnet_jax import models
+from alexnet_jax import train
+
+
+def _batch(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.image_size
+  return {
+      'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+      'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
+      'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
+  }
+
+
+def test_a_short_training_run_lowers_the_loss(tiny_config):
+  """Repeating one batch, the loss must drop well below its start."""
+  tiny_config.model.dropout_rate = 0.0
+  model = models.build(tiny_config)
+  state = train.create_train_state(tiny_config, model)
+  step = train.make_train_step(tiny_config, model, steps_per_epoch=100)
+  batch = _batch(tiny_config, 16)
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 60
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
+  model = models.build(tiny_config)
+  step = train.make_train_step(tiny_config, model, steps_per_epoch=100)
+  batch = _batch(tiny_config, 16)
+  runs = []
+  for _ in range(2):
+    state = train.create_train_state(tiny_config, model)
+    state, _ = step(state, batch)
+    runs.append(jax.device_get(state.params))
+  jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
+  # Another seed gives other dropout masks (and init).
+  tiny_config.seed = 1
+  other = train.create_train_state(tiny_config, model)
+  other, _ = step(other, batch)
+  assert not np.allclose(other.params['fc8']['kernel'],
+                         runs[0]['fc8']['kernel'])
+
+
+def test_classification_sums_count_top1_top5_and_skip_masked():
+  logits = jnp.asarray([
+      [9., 8, 7, 6, 5, 4, 3],   # label 0: correct
+      [9., 8, 7, 6, 5, 4, 3],   # label 4: 5th best, top-5 ok, top-1 wrong
+      [9., 8, 7, 6, 5, 4, 3],   # label 6: outside top 5
+      [9., 8, 7, 6, 5, 4, 3],   # masked out
+  ])
+  labels = jnp.asarray([0, 4, 6, 6])
+  sums = train.classification_sums(logits, labels,
+                                   jnp.asarray([1., 1., 1., 0.]))
+  assert float(sums['count']) == 3
+  assert float(sums['top1_error']) == 2
+  assert float(sums['top5_error']) == 1
+  assert train.means(sums)['top1_error'] == 2 / 3
+
+
+def test_eval_step_averages_the_softmax_over_crops(tiny_config):
+  model = models.build(tiny_config)
+  params = train.create_train_state(tiny_config, model).params
+  eval_step = train.make_eval_step(tiny_config, model)
+  rng = np.random.default_rng(0)
+  crops = rng.integers(0, 256, (3, 10, 64, 64, 3), dtype=np.uint8)
+  labels = np.asarray([1, 2, 3], np.int32)
+  sums = eval_step(params, {'image': crops, 'label': labels,
+                            'mask': np.ones(3, np.float32)})
+  flat = train.normalize(crops.reshape(30, 64, 64, 3),
+                         tiny_config.dataset.mean_rgb)
+  probs = jax.nn.softmax(model.apply({'params': params}, flat)).reshape(
+      3, 10, -1).mean(axis=1)
+  want = -np.log(probs[np.arange(3), labels]).sum()
+  np.testing.assert_allclose(float(sums['loss']), want, rtol=1e-5)
