@@ -19,7 +19,7 @@ from PIL import ImageDraw
 
 from alexnet_jax import errors
 
-VERSION = 1
+VERSION = 2
 CLASSES = ('circle', 'triangle', 'square', 'pentagon', 'star', 'plus',
            'ring', 'crescent', 'arrow', 'heart')
 
@@ -98,10 +98,11 @@ def render(kind: str, rng: np.random.Generator) -> Image.Image:
     xy = [tuple(rng.uniform(0, [width, height])) for _ in range(2)]
     draw.line(xy, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)),
               width=int(rng.integers(1, 4)))
-  # The shape, in a colour that differs clearly from the background.
-  r = rng.uniform(0.22, 0.42) * min(width, height)
-  cx = rng.uniform(r, width - r)
-  cy = rng.uniform(r, height - r)
+  # The shape, in a colour that differs clearly from the background, inside
+  # the centre square that the paper's preprocessing keeps.
+  r = rng.uniform(0.22, 0.42) * short
+  cx = rng.uniform((width - short) / 2 + r, (width + short) / 2 - r)
+  cy = rng.uniform((height - short) / 2 + r, (height + short) / 2 - r)
   bg_here = np.asarray(image)[int(cy), int(cx)].astype(float)
   colour = rng.uniform(0, 255, 3)
   while np.abs(colour - bg_here).sum() < 180:

@@ -27,8 +27,9 @@ def evaluate_params(config, eval_step, params,
 def run(config, workdir: str) -> dict[str, float]:
   """--mode=eval: evaluate the latest checkpoint in workdir."""
   model = models.build(config)
-  abstract_state = jax.eval_shape(train.create_train_state, config, model)
   mngr = checkpoints.manager(workdir, read_only=True)
+  abstract_state = jax.eval_shape(
+      lambda: train.create_train_state(config, model))
   state = checkpoints.restore(mngr, abstract_state)
   src = input_pipeline.source(config, config.dataset.eval_split)
   metrics = evaluate_params(config, train.make_eval_step(config, model),

@@ -39,6 +39,30 @@ def _run(mode: str, config, workdir: str) -> None:
     evaluate.run(config, workdir)
 
 
+def _parse_flags(argv):
+  """absl's parser, then the config loaded and checked.
+
+  A bad flag, config file, override or value becomes a one-line error
+  before anything is written.
+  """
+  try:
+    argv = flags.FLAGS(argv)
+    if flags.FLAGS['config'].present:
+      config_lib.validate(_CONFIG.value)  # loading is lazy: force it here
+    return argv
+  except (flags.Error, errors.UserError) as e:
+    message = str(e)
+  except OSError as e:
+    message = f'cannot load --config: {e}'
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports unknown keys this way, its message quoted twice.
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    text = text.replace("\\'", '').replace('\\n', ' ').strip('\'')
+    message = f'bad --config.KEY=VALUE override: {text}'
+  print('error: ' + ' '.join(message.split()), file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -46,7 +70,6 @@ def main(argv):
     # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
     logging.set_verbosity(logging.WARNING)
   try:
-    config_lib.validate(_CONFIG.value)
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -54,4 +77,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

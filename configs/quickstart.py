@@ -13,7 +13,6 @@ def get_config():
   config.batch_size = 64
   config.eval.batch_size = 250
   config.num_epochs = 10
-  config.learning_rate = 0.02
   config.lr_schedule = 'piecewise'
   config.lr_boundaries_epochs = (7,)
   config.log_every_steps = 20

@@ -76,7 +76,9 @@ def test_an_unknown_config_key_fails_in_one_clear_line(tmp_path):
   result = _main('--config=configs/quickstart.py', '--config.batch_sise=8',
                  f'--workdir={tmp_path}/x', check=False)
   assert result.returncode != 0
-  assert 'batch_sise' in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'batch_sise' in last
+  assert 'Did you mean "batch_size"' in last
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'x')
 
@@ -85,7 +87,7 @@ def test_a_bad_config_value_fails_in_one_clear_line(tmp_path):
   result = _main('--config=configs/quickstart.py',
                  '--config.model.variant=alexnet_v9',
                  f'--workdir={tmp_path}/x', check=False)
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(
       "error: model.variant='alexnet_v9' is not supported")
 
