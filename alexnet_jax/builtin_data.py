@@ -90,9 +90,8 @@ def render(kind: str, rng: np.random.Generator) -> Image.Image:
   if rng.random() < 0.5:
     ramp = np.linspace(0, 1, height)[:, None, None]
   background = c0 + (c1 - c0) * ramp + rng.normal(0, 12, (height, width, 3))
-  image = Image.fromarray(
-      np.clip(np.broadcast_to(background, (height, width, 3)), 0, 255)
-      .astype(np.uint8))
+  background = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+  image = background.copy()
   draw = ImageDraw.Draw(image)
   for _ in range(int(rng.integers(2, 6))):
     xy = [tuple(rng.uniform(0, [width, height])) for _ in range(2)]
@@ -114,9 +113,7 @@ def render(kind: str, rng: np.random.Generator) -> Image.Image:
     else:  # a hole shows the background again (ring, crescent)
       mask = Image.new('L', image.size, 0)
       ImageDraw.Draw(mask).polygon(xy, fill=255)
-      image.paste(Image.fromarray(np.clip(
-          np.broadcast_to(background, (height, width, 3)), 0, 255)
-                                  .astype(np.uint8)), mask=mask)
+      image.paste(background, mask=mask)
   return image
 
 
