@@ -22,12 +22,16 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def _no_checkpoint(path) -> CheckpointError:
+  return CheckpointError(f'no checkpoint in {path}: train first, or point '
+                         f'--workdir at a training run')
+
+
 def manager(workdir: str, keep: Optional[int] = None,
             read_only: bool = False) -> ocp.CheckpointManager:
   """Checkpoints in workdir; read_only: for evaluation, never creates files."""
   if read_only and not os.path.isdir(directory(workdir)):
-    raise CheckpointError(f'no checkpoint in {directory(workdir)}: train '
-                          f'first, or point --workdir at a training run')
+    raise _no_checkpoint(directory(workdir))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only)
@@ -47,8 +51,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
   """The state at `step` (default: latest), shaped like `abstract_state`."""
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise CheckpointError(f'no checkpoint in {mngr.directory}: train first, '
-                          f'or point --workdir at a training run')
+    raise _no_checkpoint(mngr.directory)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))

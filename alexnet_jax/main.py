@@ -39,6 +39,12 @@ def _run(mode: str, config, workdir: str) -> None:
     evaluate.run(config, workdir)
 
 
+def _exit_with_error(message: str, status: int) -> None:
+  """The one-line report of bad input: 'error: ...' on stderr, then exit."""
+  print('error: ' + ' '.join(message.split()), file=sys.stderr)
+  sys.exit(status)
+
+
 def _parse_flags(argv):
   """absl's parser, then the config loaded and checked.
 
@@ -59,8 +65,7 @@ def _parse_flags(argv):
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     text = text.replace("\\'", '').replace('\\n', ' ').strip('\'')
     message = f'bad --config.KEY=VALUE override: {text}'
-  print('error: ' + ' '.join(message.split()), file=sys.stderr)
-  sys.exit(2)
+  _exit_with_error(message, 2)
 
 
 def main(argv):
@@ -72,8 +77,7 @@ def main(argv):
   try:
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _exit_with_error(str(e), 1)
 
 
 if __name__ == '__main__':
