@@ -27,6 +27,9 @@ def default() -> ml_collections.ConfigDict:
   c.model.num_classes = 1000
   c.model.width = 1.0          # multiplies every layer's width
   c.model.dropout_rate = 0.5
+  # The initial bias of conv2, conv4, conv5, fc6 and fc7 (paper: 1). Caffe's
+  # bvlc_alexnet uses 0.1; narrow nets on few classes need it (see quickstart).
+  c.model.positive_bias = 1.0
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'imagenet2012'  # builtin, a TFDS name, or folder:PATH

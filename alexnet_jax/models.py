@@ -55,35 +55,38 @@ class Variant:
   dropout_on_fc_inputs: bool        # torchvision: dropout before fc6/fc7
   init: str                         # 'gaussian' or 'torch' (PyTorch defaults)
   weight_std: tuple[float, ...]     # conv1..conv5, fc6, fc7, fc8 (gaussian)
-  bias_one: frozenset[str]          # layers whose biases start at 1
+  positive_bias_layers: frozenset[str]  # layers whose biases start positive
+  positive_bias: float = 1.0        # their initial bias (paper: 1)
 
 
 _PAPER_STD = (0.01,) * 8
-_PAPER_BIAS_ONE = frozenset({'conv2', 'conv4', 'conv5', 'fc6', 'fc7'})
+_PAPER_POSITIVE_BIAS = frozenset({'conv2', 'conv4', 'conv5', 'fc6', 'fc7'})
 
 VARIANTS = {
     'paper_2012': Variant(
         towers=2, conv_features=(48, 128, 192, 192, 128), fc_features=2048,
         conv1_padding='ceil', lrn=LRN(), lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=False,
-        init='gaussian', weight_std=_PAPER_STD, bias_one=_PAPER_BIAS_ONE),
+        init='gaussian', weight_std=_PAPER_STD,
+        positive_bias_layers=_PAPER_POSITIVE_BIAS),
     'released_2012': Variant(
         towers=2, conv_features=(48, 128, 192, 192, 128), fc_features=2048,
         conv1_padding='ceil', lrn=LRN(alpha=1e-4 / 5),
         lrn_before_relu_conv1=True, conv2_same_map_norm=SameMapNorm(),
         dropout_on_fc_inputs=False, init='gaussian',
         weight_std=(0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01),
-        bias_one=_PAPER_BIAS_ONE),
+        positive_bias_layers=_PAPER_POSITIVE_BIAS),
     'one_tower_2014': Variant(
         towers=1, conv_features=(64, 192, 384, 256, 256), fc_features=4096,
         conv1_padding='ceil', lrn=LRN(), lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=False,
-        init='gaussian', weight_std=_PAPER_STD, bias_one=_PAPER_BIAS_ONE),
+        init='gaussian', weight_std=_PAPER_STD,
+        positive_bias_layers=_PAPER_POSITIVE_BIAS),
     'torchvision': Variant(
         towers=1, conv_features=(64, 192, 384, 256, 256), fc_features=4096,
         conv1_padding='torch', lrn=None, lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=True,
-        init='torch', weight_std=_PAPER_STD, bias_one=frozenset()),
+        init='torch', weight_std=_PAPER_STD, positive_bias_layers=frozenset()),
 }
 
 
@@ -166,8 +169,8 @@ def _initializers(variant: Variant, layer: str, fan_in: int):
   std = (variant.weight_std[LAYERS.index(layer)]
          * math.sqrt(paper_fan_in(variant, layer) / fan_in))
   weight = nn.initializers.normal(stddev=std)
-  bias = (nn.initializers.ones if layer in variant.bias_one
-          else nn.initializers.zeros)
+  bias = (nn.initializers.constant(variant.positive_bias)
+          if layer in variant.positive_bias_layers else nn.initializers.zeros)
   return weight, bias
 
 
@@ -311,7 +314,8 @@ class AlexNet(nn.Module):
 
 def build(config, towers: Optional[parallel.Towers] = None) -> AlexNet:
   """The model named by `config.model`, with towers held as `towers` says."""
-  variant = get_variant(config.model.variant)
+  variant = dataclasses.replace(get_variant(config.model.variant),
+                                positive_bias=config.model.positive_bias)
   return AlexNet(
       variant=variant,
       num_classes=config.model.num_classes,

@@ -1,4 +1,10 @@
-"""The paper's two-tower network, narrowed, on the built-in dataset: minutes on a CPU."""
+"""The paper's two-tower network, narrowed, on the built-in dataset: minutes on a CPU.
+
+Two departures from the paper's recipe, both measured on this dataset: the
+positive biases start at 0.1 (as in Caffe's bvlc_alexnet), because with 1 the
+quarter-width net's fc7 units all die within the first 30 steps and it stays
+at chance; and the learning rate is 0.005, which beat 0.0025, 0.01 and 0.02.
+"""
 
 from alexnet_jax import config as config_lib
 
@@ -8,13 +14,15 @@ def get_config():
   config.dataset.name = 'builtin'
   config.model.num_classes = 10
   config.model.width = 0.25
+  config.model.positive_bias = 0.1
   config.image_size = 64
   config.resize_size = 73
   config.batch_size = 64
   config.eval.batch_size = 250
-  config.num_epochs = 10
+  config.num_epochs = 50
+  config.learning_rate = 0.005
   config.lr_schedule = 'piecewise'
-  config.lr_boundaries_epochs = (7,)
+  config.lr_boundaries_epochs = (40,)
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   return config

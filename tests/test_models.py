@@ -115,6 +115,15 @@ def test_initial_statistics_per_layer():
     np.testing.assert_array_equal(b, 1.0 if layer in ones else 0.0)
 
 
+def test_positive_bias_config_sets_the_paper_bias_layers_only(tiny_config):
+  tiny_config.model.positive_bias = 0.1
+  params = models.init_params(models.build(tiny_config), jax.random.key(0),
+                              tiny_config.image_size)
+  for layer in models.LAYERS:
+    expected = 0.1 if layer in {'conv2', 'conv4', 'conv5', 'fc6', 'fc7'} else 0
+    np.testing.assert_allclose(params[layer]['bias'], expected, err_msg=layer)
+
+
 def test_released_variant_initialises_conv3_to_5_wider():
   params = models.init_params(_model('released_2012'), jax.random.key(0), 224)
   for layer, std in [('conv1', 0.01), ('conv3', 0.03), ('conv4', 0.03),
