@@ -8,7 +8,6 @@ import json
 import os
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
 from alexnet_jax import errors
@@ -61,8 +60,3 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any,
         f'(model.variant, model.width, model.num_classes must match the run '
         f'that wrote it): {str(e).splitlines()[0]}') from e
   return restored.state
-
-
-def abstract(tree):
-  """Shapes, dtypes and shardings of `tree`, to restore into."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

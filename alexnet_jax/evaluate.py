@@ -6,16 +6,16 @@ import numpy as np
 from alexnet_jax import checkpoints
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
-from alexnet_jax import models
+from alexnet_jax import parallel
 from alexnet_jax import train
 
 
-def evaluate_params(config, eval_step, params,
+def evaluate_params(config, mesh, eval_step, params,
                     src: input_pipeline.Source) -> dict[str, float]:
   """Mean loss, top-1 and top-5 error, each example counted exactly once."""
   totals = None
   for batch in input_pipeline.eval_batches(config, src):
-    sums = eval_step(params, batch)
+    sums = eval_step(params, parallel.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   if float(totals['count']) != src.num_examples:
@@ -26,13 +26,12 @@ def evaluate_params(config, eval_step, params,
 
 def run(config, workdir: str) -> dict[str, float]:
   """--mode=eval: evaluate the latest checkpoint in workdir."""
-  model = models.build(config)
+  mesh = parallel.make_mesh(config)
+  parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   mngr = checkpoints.manager(workdir, read_only=True)
-  abstract_state = jax.eval_shape(
-      lambda: train.create_train_state(config, model))
-  state = checkpoints.restore(mngr, abstract_state)
+  state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh))
   src = input_pipeline.source(config, config.dataset.eval_split)
-  metrics = evaluate_params(config, train.make_eval_step(config, model),
+  metrics = evaluate_params(config, mesh, train.make_eval_step(config, mesh),
                             state.params, src)
   split = f'eval_{config.eval.crops}crop'
   metric_writer.MetricWriter(workdir).write(int(state.step), split, metrics)

@@ -175,6 +175,8 @@ def _initializers(variant: Variant, layer: str, fan_in: int):
 
 
 LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
+# Layers whose parameters carry a leading tower axis; fc8 is one whole layer.
+PER_TOWER_LAYERS = frozenset(LAYERS) - {'fc8'}
 
 
 class TowerConv(nn.Module):

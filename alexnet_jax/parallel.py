@@ -1,18 +1,27 @@
 """Where the towers live and how they talk: the one place for cross-tower traffic.
 
 The 2012 network ran as two towers, one per GPU, that exchanged activations
-only before conv3, fc6, fc7 and fc8. `Towers` describes how many towers the
-network has, how many of them this device holds, and the mesh axes (if any)
-they and the batch are spread over. The model asks it for the activations of
-all towers (`gather`) and for global indices (`global_index`,
-`example_ids`), so the same model code runs on one device or on a mesh.
+only before conv3, fc6, fc7 and fc8. Here the devices form a mesh with axes
+('data', 'tower'): the batch is split over 'data', the towers over 'tower'.
+`Towers` describes how many towers the network has, how many of them this
+device holds, and the mesh axes they and the batch are spread over. The model
+asks it for the activations of all towers (`gather`) and for global indices
+(`global_index`, `example_ids`), so the same model code runs on one device or
+inside `jax.shard_map` on any mesh.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from alexnet_jax import errors
+
+DATA = 'data'
+TOWER = 'tower'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +54,8 @@ class Towers:
     xs holds this device's towers' activations, in tower order.
     """
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
-    if self.tower_axis is not None and self.tower_axis_size > 1:
+    if self.tower_axis is not None:
+      # On a tower axis of size 1 this is a no-op that XLA removes.
       x = jax.lax.all_gather(x, self.tower_axis, axis=x.ndim - 1, tiled=True)
     return x
 
@@ -61,3 +71,77 @@ class Towers:
     if self.data_axis is None:
       return ids
     return jax.lax.axis_index(self.data_axis) * local_batch + ids
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The ('data', 'tower') mesh of config.mesh over the first devices needed.
+
+  mesh.tower is 1 (both towers on each device) or 2 (one tower per device,
+  as in 2012); mesh.data=-1 takes every device left.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  data, tower = config.mesh.data, config.mesh.tower
+  if tower not in (1, 2):
+    raise errors.UserError(f'mesh.tower={tower}: use 1 (both towers on each '
+                           f'device) or 2 (one tower per device)')
+  if data == -1:
+    data = max(1, len(devices) // tower)
+  if data < 1 or data * tower > len(devices):
+    raise errors.UserError(
+        f'mesh.data={config.mesh.data} x mesh.tower={tower} needs {data * tower}'
+        f' devices but {len(devices)} are available: set --config.mesh.data')
+  return jax.make_mesh((data, tower), (DATA, TOWER),
+                       devices=devices[:data * tower])
+
+
+def mesh_towers(tower_count: int, mesh: jax.sharding.Mesh) -> Towers:
+  """How a network of `tower_count` towers is spread over `mesh`."""
+  size = mesh.shape[TOWER]
+  if tower_count % size:
+    raise errors.UserError(
+        f'the model has {tower_count} tower(s), which cannot be split over '
+        f'mesh.tower={size}: set --config.mesh.tower=1')
+  return Towers(count=tower_count, tower_axis=TOWER, tower_axis_size=size,
+                data_axis=DATA)
+
+
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, key: str) -> None:
+  if batch_size % (mesh.shape[DATA] * jax.process_count()):
+    raise errors.UserError(
+        f'{key}={batch_size} does not divide over {mesh.shape[DATA]} data '
+        f'shards: make it a multiple of {mesh.shape[DATA]}')
+
+
+def param_spec(path, per_tower_layers: frozenset[str]) -> P:
+  """Per-tower parameters (and their gradients, momenta) split over 'tower'.
+
+  Their leading axis is the tower axis. Every other leaf (fc8, the step, the
+  RNG) is whole on every device.
+  """
+  if any(getattr(entry, 'key', None) in per_tower_layers for entry in path):
+    return P(TOWER)
+  return P()
+
+
+def param_specs(tree, per_tower_layers: frozenset[str]) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: param_spec(path, per_tower_layers), tree)
+
+
+def shardings(tree, mesh: jax.sharding.Mesh,
+              per_tower_layers: frozenset[str]) -> Any:
+  """NamedShardings for a tree of parameters, optimizer or train state."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: NamedSharding(mesh, param_spec(path, per_tower_layers)),
+      tree)
+
+
+def shard_batch(batch: dict[str, Any], mesh: jax.sharding.Mesh):
+  """This process's part of a global batch, split over 'data'.
+
+  Each process passes only its own examples; the result is one global array
+  per entry, as multi-host training needs.
+  """
+  sharding = NamedSharding(mesh, P(DATA))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}

@@ -14,10 +14,12 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import optax
 
 from alexnet_jax import models
 from alexnet_jax import optimizer
+from alexnet_jax import parallel
 
 
 @flax.struct.dataclass
@@ -36,10 +38,10 @@ def make_optimizer(config) -> optax.GradientTransformationExtraArgs:
       bias_weight_decay=config.bias_weight_decay)
 
 
-def create_train_state(config, model: models.AlexNet) -> TrainState:
-  """The initial state; a pure function of config.seed."""
+def create_train_state(config) -> TrainState:
+  """The initial state on one device; a pure function of config.seed."""
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  params = models.init_params(model, init_rng, config.image_size)
+  params = models.init_params(models.build(config), init_rng, config.image_size)
   return TrainState(
       step=jnp.asarray(0, jnp.int32),
       params=params,
@@ -47,6 +49,26 @@ def create_train_state(config, model: models.AlexNet) -> TrainState:
       plateau=optimizer.Plateau.initial(),
       rng=jax.random.key_data(dropout_rng),
   )
+
+
+def state_shardings(config, mesh: jax.sharding.Mesh):
+  """Per-tower parameters and their momenta split over 'tower', the rest whole."""
+  shapes = jax.eval_shape(lambda: create_train_state(config))
+  return parallel.shardings(shapes, mesh, models.PER_TOWER_LAYERS)
+
+
+def abstract_train_state(config, mesh: jax.sharding.Mesh):
+  """Shapes, dtypes and shardings of the state on `mesh`, to restore into."""
+  shapes = jax.eval_shape(lambda: create_train_state(config))
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      shapes, state_shardings(config, mesh))
+
+
+def create_sharded_train_state(config, mesh: jax.sharding.Mesh) -> TrainState:
+  """The same initial state, made directly in place on `mesh`."""
+  return jax.jit(lambda: create_train_state(config),
+                 out_shardings=state_shardings(config, mesh))()
 
 
 def normalize(images: jax.Array, mean_rgb, lighting=None) -> jax.Array:
@@ -81,22 +103,61 @@ def means(sums: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) / count for k, v in sums.items() if k != 'count'}
 
 
-def make_train_step(config, model: models.AlexNet,
+def _sharded(mesh, per_device_sums: Callable, params,
+             *other_specs) -> Callable:
+  """`per_device_sums` run over the mesh; sums over the whole batch.
+
+  Inside, each device holds its examples and its towers. Its sums are added
+  over 'data'; the towers' copies (equal, since fc8 sees the gathered
+  activations on every tower device) come out one per tower device and are
+  averaged, so gradients flow back through every tower's copy at 1/towers.
+  """
+  sharded = jax.shard_map(
+      per_device_sums, mesh=mesh,
+      in_specs=(parallel.param_specs(params, models.PER_TOWER_LAYERS),
+                P(parallel.DATA)) + other_specs,
+      out_specs=P(parallel.TOWER))
+  return lambda *args: jax.tree.map(jnp.mean, sharded(*args))
+
+
+def _total_over_data(sums):
+  """This device's sums added over 'data', with a leading tower-copy axis."""
+  return jax.tree.map(lambda s: jax.lax.psum(s, parallel.DATA)[None], sums)
+
+
+def mesh_model(config, mesh: jax.sharding.Mesh) -> models.AlexNet:
+  """The model as one device of `mesh` runs it inside `shard_map`."""
+  variant = models.get_variant(config.model.variant)
+  return models.build(config, parallel.mesh_towers(variant.towers, mesh))
+
+
+def make_train_step(config, mesh: jax.sharding.Mesh,
                     steps_per_epoch: int) -> Callable:
-  """A compiled `(state, batch) -> (state, metrics)`; the state is donated."""
+  """A compiled `(state, batch) -> (state, metrics)` over `mesh`.
+
+  The state is donated and keeps its shardings (`state_shardings`); the
+  batch is split over 'data' (`parallel.shard_batch`). Gradients come from
+  differentiating the mesh-wide loss, so the transposes of the tower
+  all-gathers and the sum over 'data' are derived, not written by hand.
+  """
   tx = make_optimizer(config)
+  model = mesh_model(config, mesh)
+
+  def device_sums(params, batch, rng_data):
+    images = normalize(batch['image'], config.dataset.mean_rgb,
+                       batch['lighting'])
+    logits = model.apply({'params': params}, images, train=True,
+                         dropout_rng=jax.random.wrap_key_data(rng_data))
+    return _total_over_data(classification_sums(
+        logits, batch['label'], jnp.ones_like(batch['label'], jnp.float32)))
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                      state.step)
-    images = normalize(batch['image'], config.dataset.mean_rgb,
-                       batch['lighting'])
+    sums_fn = _sharded(mesh, device_sums, state.params, P())
 
     def loss_fn(params):
-      logits = model.apply({'params': params}, images, train=True,
-                           dropout_rng=dropout_rng)
-      sums = classification_sums(logits, batch['label'],
-                                 jnp.ones_like(batch['label'], jnp.float32))
+      sums = sums_fn(params, batch, jax.random.key_data(dropout_rng))
       return sums['loss'] / sums['count'], sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -111,18 +172,20 @@ def make_train_step(config, model: models.AlexNet,
     metrics['learning_rate'] = lr
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, donate_argnums=0,
+                 out_shardings=(state_shardings(config, mesh), None))
 
 
-def make_eval_step(config, model: models.AlexNet) -> Callable:
-  """A compiled `(params, batch) -> sums`.
+def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
+  """A compiled `(params, batch) -> sums` over `mesh`.
 
   batch['image'] is (B, H, W, 3) or, for multi-crop evaluation,
   (B, crops, H, W, 3): the softmax is averaged over the crops as in the
   paper. batch['mask'] is 0 for padding examples, which are not counted.
   """
+  model = mesh_model(config, mesh)
 
-  def eval_step(params, batch):
+  def device_sums(params, batch):
     images = batch['image']
     crops = images.shape[1] if images.ndim == 5 else 1
     flat = images.reshape((-1,) + images.shape[-3:])
@@ -130,7 +193,8 @@ def make_eval_step(config, model: models.AlexNet) -> Callable:
                          normalize(flat, config.dataset.mean_rgb))
     probs = jax.nn.softmax(logits).reshape(images.shape[0], crops, -1)
     mean_log_probs = jnp.log(jnp.mean(probs, axis=1))
-    return classification_sums(mean_log_probs, batch['label'],
-                               batch['mask'].astype(jnp.float32))
+    return _total_over_data(classification_sums(
+        mean_log_probs, batch['label'], batch['mask'].astype(jnp.float32)))
 
-  return jax.jit(eval_step)
+  return jax.jit(lambda params, batch: _sharded(
+      mesh, device_sums, params)(params, batch))

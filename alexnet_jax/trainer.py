@@ -11,8 +11,8 @@ from alexnet_jax import errors
 from alexnet_jax import evaluate
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
-from alexnet_jax import models
 from alexnet_jax import optimizer
+from alexnet_jax import parallel
 from alexnet_jax import train
 
 
@@ -48,14 +48,17 @@ def train_and_evaluate(config, workdir: str) -> train.TrainState:
   eval_every = _every(config.eval_every_steps, steps_per_epoch)
   checkpoint_every = _every(config.checkpoint_every_steps, total_steps)
 
-  model = models.build(config)
-  state = train.create_train_state(config, model)
+  mesh = parallel.make_mesh(config)
+  parallel.check_batch(config.batch_size, mesh, 'batch_size')
+  parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   if mngr.latest_step() is not None:
-    state = checkpoints.restore(mngr, checkpoints.abstract(state))
+    state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh))
     logging.info('resumed from step %d', int(state.step))
-  train_step = train.make_train_step(config, model, steps_per_epoch)
-  eval_step = train.make_eval_step(config, model)
+  else:
+    state = train.create_sharded_train_state(config, mesh)
+  train_step = train.make_train_step(config, mesh, steps_per_epoch)
+  eval_step = train.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
 
   batches = input_pipeline.train_dataset(config, train_src).as_numpy_iterator()
@@ -63,9 +66,12 @@ def train_and_evaluate(config, workdir: str) -> train.TrainState:
   pending, last_log_time, last_log_step = [], time.time(), step
   started = time.time()
   print(f'training {config.model.variant} for {total_steps} steps '
-        f'({steps_per_epoch} per epoch) from step {step}', flush=True)
+        f'({steps_per_epoch} per epoch) from step {step} on mesh '
+        f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}',
+        flush=True)
   while step < total_steps:
-    state, metrics = train_step(state, next(batches))
+    state, metrics = train_step(state,
+                                parallel.shard_batch(next(batches), mesh))
     step += 1
     pending.append(metrics)
     if step % config.log_every_steps == 0 or step == total_steps:
@@ -90,7 +96,7 @@ def train_and_evaluate(config, workdir: str) -> train.TrainState:
       # train images/sec and out of the evaluation's.
       jax.block_until_ready(state)
       eval_started = time.time()
-      eval_metrics = evaluate.evaluate_params(config, eval_step,
+      eval_metrics = evaluate.evaluate_params(config, mesh, eval_step,
                                               state.params, eval_src)
       writer.write(step, 'eval', eval_metrics)
       print(f'step {step} eval: top1_error {eval_metrics["top1_error"]:.4f}, '

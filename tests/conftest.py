@@ -36,4 +36,5 @@ def tiny_config(data_dir):
   c.log_every_steps = 2
   c.checkpoint_every_steps = 2
   c.eval_every_steps = 4
+  c.mesh.data = 1           # one device unless a test asks for a mesh
   return c

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax import models
+from alexnet_jax import parallel
 from alexnet_jax import train
 
 
@@ -21,10 +22,10 @@ def _batch(config, n, seed=0):
 def test_a_short_training_run_lowers_the_loss(tiny_config):
   """Repeating one batch, the loss must drop well below its start."""
   tiny_config.model.dropout_rate = 0.0
-  model = models.build(tiny_config)
-  state = train.create_train_state(tiny_config, model)
-  step = train.make_train_step(tiny_config, model, steps_per_epoch=100)
-  batch = _batch(tiny_config, 16)
+  mesh = parallel.make_mesh(tiny_config)
+  state = train.create_sharded_train_state(tiny_config, mesh)
+  step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
+  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh)
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -34,18 +35,18 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
 
 
 def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
-  model = models.build(tiny_config)
-  step = train.make_train_step(tiny_config, model, steps_per_epoch=100)
-  batch = _batch(tiny_config, 16)
+  mesh = parallel.make_mesh(tiny_config)
+  step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
+  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh)
   runs = []
   for _ in range(2):
-    state = train.create_train_state(tiny_config, model)
+    state = train.create_sharded_train_state(tiny_config, mesh)
     state, _ = step(state, batch)
     runs.append(jax.device_get(state.params))
   jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
   # Another seed gives other dropout masks (and init).
   tiny_config.seed = 1
-  other = train.create_train_state(tiny_config, model)
+  other = train.create_sharded_train_state(tiny_config, mesh)
   other, _ = step(other, batch)
   assert not np.allclose(other.params['fc8']['kernel'],
                          runs[0]['fc8']['kernel'])
@@ -69,13 +70,15 @@ def test_classification_sums_count_top1_top5_and_skip_masked():
 
 def test_eval_step_averages_the_softmax_over_crops(tiny_config):
   model = models.build(tiny_config)
-  params = train.create_train_state(tiny_config, model).params
-  eval_step = train.make_eval_step(tiny_config, model)
+  mesh = parallel.make_mesh(tiny_config)
+  params = train.create_sharded_train_state(tiny_config, mesh).params
+  eval_step = train.make_eval_step(tiny_config, mesh)
   rng = np.random.default_rng(0)
   crops = rng.integers(0, 256, (3, 10, 64, 64, 3), dtype=np.uint8)
   labels = np.asarray([1, 2, 3], np.int32)
-  sums = eval_step(params, {'image': crops, 'label': labels,
-                            'mask': np.ones(3, np.float32)})
+  sums = eval_step(params, parallel.shard_batch(
+      {'image': crops, 'label': labels, 'mask': np.ones(3, np.float32)},
+      mesh))
   flat = train.normalize(crops.reshape(30, 64, 64, 3),
                          tiny_config.dataset.mean_rgb)
   probs = jax.nn.softmax(model.apply({'params': params}, flat)).reshape(
