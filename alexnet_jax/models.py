@@ -8,6 +8,7 @@ cross-tower communication is written.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -98,12 +99,16 @@ def get_variant(name: str) -> Variant:
 
 
 def local_response_norm(x: jax.Array, lrn: LRN) -> jax.Array:
-  """LRN over the last (channel) axis of one tower's maps."""
-  half = lrn.n // 2
+  """LRN over the last (channel) axis of one tower's maps.
+
+  The window sums are one matrix product with a banded 0/1 matrix, which
+  clips the window at the edge channels by itself; forward and backward ran
+  about 4x faster on CPU than summing shifted slices.
+  """
+  channels = np.arange(x.shape[-1])
+  band = np.abs(channels[:, None] - channels[None, :]) <= lrn.n // 2
   squares = jnp.square(x.astype(jnp.float32))
-  padded = jnp.pad(squares, [(0, 0)] * (x.ndim - 1) + [(half, half)])
-  channels = x.shape[-1]
-  window_sum = sum(padded[..., i:i + channels] for i in range(lrn.n))
+  window_sum = squares @ jnp.asarray(band, jnp.float32)
   scale = (lrn.k + lrn.alpha * window_sum) ** -lrn.beta
   return (x * scale).astype(x.dtype)
 
@@ -119,8 +124,16 @@ def same_map_norm(x: jax.Array, norm: SameMapNorm) -> jax.Array:
 
 
 def max_pool(x: jax.Array) -> jax.Array:
-  """The paper's overlapping pooling: 3x3 windows, stride 2, no padding."""
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+  """The paper's overlapping pooling: 3x3 windows, stride 2, no padding.
+
+  Written as the maximum of nine strided views: its gradient ran about 4x
+  faster on CPU than reduce_window's select-and-scatter. The two differ only
+  where a window holds equal maxima.
+  """
+  out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  views = [x[:, dy:dy + 2 * out_h - 1:2, dx:dx + 2 * out_w - 1:2]
+           for dy in range(3) for dx in range(3)]
+  return functools.reduce(jnp.maximum, views)
 
 
 def conv1_padding(image_size: int, rule: str) -> tuple[tuple[int, int], ...]:
@@ -196,14 +209,20 @@ class TowerConv(nn.Module):
     kernel = self.param('kernel', w_init,
                         (self.towers.local, k, k, cin, self.features))
     bias = self.param('bias', b_init, (self.towers.local, self.features))
-    return [
-        jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel[t].astype(self.dtype),
-            (self.stride, self.stride), self.padding,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-        + bias[t].astype(self.dtype)
-        for t, x in enumerate(xs)
-    ]
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+        x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
+        self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    towers = len(xs)
+    if towers > 1 and all(x is xs[0] for x in xs):
+      # conv1 and conv3: every local tower reads the same input, so one
+      # convolution with the kernels side by side does them all (faster than
+      # one per tower on CPU: 149 ms against 2 x 89 forward at batch 64).
+      side_by_side = jnp.moveaxis(kernel, 0, -2).reshape(
+          k, k, cin, towers * self.features)
+      y = conv(xs[0], side_by_side) + bias.reshape(-1).astype(self.dtype)
+      return jnp.split(y, towers, axis=-1)
+    return [conv(x, kernel[t]) + bias[t].astype(self.dtype)
+            for t, x in enumerate(xs)]
 
 
 class TowerDense(nn.Module):

@@ -10,8 +10,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args, check=True):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+def _main(*args, check=True, devices=1):
+  env = dict(os.environ,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   result = subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.main', *args], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=600)
@@ -20,14 +21,15 @@ def _main(*args, check=True):
   return result
 
 
-def _tiny_flags(data_dir):
+def _tiny_flags(data_dir, eval_batch=7):
   return ['--config=configs/quickstart.py',
           f'--config.dataset.data_dir={data_dir}',
           '--config.dataset.builtin_train_per_class=8',
           '--config.dataset.builtin_eval_per_class=3',
           '--config.model.width=0.125', '--config.batch_size=16',
           '--config.num_train_steps=4', '--config.log_every_steps=2',
-          '--config.checkpoint_every_steps=2', '--config.eval.batch_size=7']
+          '--config.checkpoint_every_steps=2',
+          f'--config.eval.batch_size={eval_batch}']
 
 
 def _records(workdir):
@@ -53,6 +55,32 @@ def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
     assert restored[key] == pytest.approx(final_eval[key], rel=1e-6)
 
 
+def _checkpointed_params(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)['params']
+
+
+def test_a_two_by_two_mesh_run_reaches_the_one_device_parameters(
+    tmp_path, data_dir):
+  """Same seed, same data: data=2 x tower=2 on 4 devices equals 1 device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flags = _tiny_flags(data_dir, eval_batch=8)
+  _main(*flags, f'--workdir={tmp_path}/one')
+  mesh_run = _main(*flags, f'--workdir={tmp_path}/mesh', '--config.mesh.data=2',
+                   '--config.mesh.tower=2', devices=4)
+  assert 'on mesh data=2, tower=2' in mesh_run.stdout
+  one = _checkpointed_params(f'{tmp_path}/one', 4)
+  mesh = _checkpointed_params(f'{tmp_path}/mesh', 4)
+  for a, b in zip(jax.tree.leaves(mesh), jax.tree.leaves(one)):
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-5 * float(np.max(np.abs(b))))
+  earlier = _checkpointed_params(f'{tmp_path}/one', 2)
+  assert not np.allclose(one['fc8']['kernel'], earlier['fc8']['kernel'])
+
+
 def test_one_step_of_the_ilsvrc2012_config_checkpoints_60965224_params(
     tmp_path, data_dir):
   workdir = str(tmp_path / 'paper')
@@ -62,13 +90,10 @@ def test_one_step_of_the_ilsvrc2012_config_checkpoints_60965224_params(
         '--config.dataset.builtin_eval_per_class=1',
         '--config.num_train_steps=1', '--config.batch_size=8',
         '--config.eval.batch_size=10')
+  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'checkpoints', '1', 'state')
-  with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(path)
   count = sum(int(np.prod(np.shape(p)))
-              for p in __import__('jax').tree.leaves(state['params']))
+              for p in jax.tree.leaves(_checkpointed_params(workdir, 1)))
   assert count == 60_965_224
 
 
