@@ -62,14 +62,16 @@ def time_train_step(config, warmup: int, repeats: int,
   for _ in range(warmup):
     state, _ = step(state, batch)
   jax.block_until_ready(state)
-  rates = []
+  rates, cpu_seconds = [], []
   for _ in range(repeats):
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(steps):
       state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     rates.append(steps * config.batch_size / (time.perf_counter() - started))
-    print(f'{rates[-1]:.1f} images/sec', file=sys.stderr, flush=True)
+    cpu_seconds.append((time.process_time() - cpu_started) / steps)
+    print(f'{rates[-1]:.1f} images/sec, {cpu_seconds[-1]:.2f} CPU s/step',
+          file=sys.stderr, flush=True)
   images_per_sec = statistics.median(rates)
   return {
       'what': 'train_step',
@@ -83,6 +85,9 @@ def time_train_step(config, warmup: int, repeats: int,
       'width': config.model.width,
       'dtype': config.dtype,
       'device_kind': jax.devices()[0].device_kind,
+      # CPU seconds (all threads) per step: on a shared machine this moves
+      # less than wall time when other jobs compete for the cores.
+      'cpu_s_per_step': round(statistics.median(cpu_seconds), 3),
       'compile_and_first_step_s': round(compile_s, 2),
       'repeats': [round(r, 2) for r in rates],
   }

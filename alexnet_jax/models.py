@@ -102,8 +102,9 @@ def local_response_norm(x: jax.Array, lrn: LRN) -> jax.Array:
   """LRN over the last (channel) axis of one tower's maps.
 
   The window sums are one matrix product with a banded 0/1 matrix, which
-  clips the window at the edge channels by itself; forward and backward ran
-  about 4x faster on CPU than summing shifted slices.
+  clips the window at the edge channels by itself. On conv1's maps at batch
+  64 its forward and backward took 94 ms on CPU against 373 ms for summing
+  shifted slices (timed alone; see README for the whole step).
   """
   channels = np.arange(x.shape[-1])
   band = np.abs(channels[:, None] - channels[None, :]) <= lrn.n // 2
@@ -126,9 +127,10 @@ def same_map_norm(x: jax.Array, norm: SameMapNorm) -> jax.Array:
 def max_pool(x: jax.Array) -> jax.Array:
   """The paper's overlapping pooling: 3x3 windows, stride 2, no padding.
 
-  Written as the maximum of nine strided views: its gradient ran about 4x
-  faster on CPU than reduce_window's select-and-scatter. The two differ only
-  where a window holds equal maxima.
+  Written as the maximum of nine strided views: on conv1's maps at batch 64
+  its forward and backward took 44 ms on CPU against 163 ms for
+  reduce_window's select-and-scatter (timed alone). The two differ only where
+  a window holds equal maxima.
   """
   out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
   views = [x[:, dy:dy + 2 * out_h - 1:2, dx:dx + 2 * out_w - 1:2]

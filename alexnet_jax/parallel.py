@@ -91,6 +91,7 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
         f'mesh.data={config.mesh.data} x mesh.tower={tower} needs {data * tower}'
         f' devices but {len(devices)} are available: set --config.mesh.data')
   return jax.make_mesh((data, tower), (DATA, TOWER),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices[:data * tower])
 
 
@@ -106,7 +107,8 @@ def mesh_towers(tower_count: int, mesh: jax.sharding.Mesh) -> Towers:
 
 
 def check_batch(batch_size: int, mesh: jax.sharding.Mesh, key: str) -> None:
-  if batch_size % (mesh.shape[DATA] * jax.process_count()):
+  """A global batch must split evenly over the 'data' shards."""
+  if batch_size % mesh.shape[DATA]:
     raise errors.UserError(
         f'{key}={batch_size} does not divide over {mesh.shape[DATA]} data '
         f'shards: make it a multiple of {mesh.shape[DATA]}')
