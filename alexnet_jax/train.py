@@ -62,7 +62,7 @@ def abstract_train_state(config, mesh: jax.sharding.Mesh):
   shapes = jax.eval_shape(lambda: create_train_state(config))
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      shapes, state_shardings(config, mesh))
+      shapes, parallel.shardings(shapes, mesh, models.PER_TOWER_LAYERS))
 
 
 def create_sharded_train_state(config, mesh: jax.sharding.Mesh) -> TrainState:
