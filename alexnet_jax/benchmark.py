@@ -102,8 +102,7 @@ def main(argv):
     result = time_train_step(config, _WARMUP.value, _REPEATS.value,
                              _STEPS.value)
   except errors.UserError as e:
-    print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-    sys.exit(1)
+    errors.exit_with_error(str(e), 1)
   print(json.dumps(result), flush=True)
 
 

@@ -8,7 +8,6 @@ Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -39,12 +38,6 @@ def _run(mode: str, config, workdir: str) -> None:
     evaluate.run(config, workdir)
 
 
-def _exit_with_error(message: str, status: int) -> None:
-  """The one-line report of bad input: 'error: ...' on stderr, then exit."""
-  print('error: ' + ' '.join(message.split()), file=sys.stderr)
-  sys.exit(status)
-
-
 def _parse_flags(argv):
   """absl's parser, then the config loaded and checked.
 
@@ -65,7 +58,7 @@ def _parse_flags(argv):
     text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
     text = text.replace("\\'", '').replace('\\n', ' ').strip('\'')
     message = f'bad --config.KEY=VALUE override: {text}'
-  _exit_with_error(message, 2)
+  errors.exit_with_error(message, 2)
 
 
 def main(argv):
@@ -77,7 +70,7 @@ def main(argv):
   try:
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
-    _exit_with_error(str(e), 1)
+    errors.exit_with_error(str(e), 1)
 
 
 if __name__ == '__main__':
