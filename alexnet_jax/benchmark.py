@@ -1,17 +1,25 @@
-"""Speed of the compiled train step, with no input pipeline in the way.
+"""Speed of the compiled train step, or of the input pipeline, apart.
 
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=train_step --config.batch_size=64 --config.mesh.data=1
+  python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
+      --what=input_pipeline --photos=500x375 [--prepared]
 
-The batch is random and lives on the devices, so the figure is the network's
-and the mesh's alone. Compilation and warm-up steps are excluded; the result
-is the median over repeats. The last line printed is one JSON object.
-Nothing here imports TensorFlow: it runs on machines with only JAX.
+train_step: the batch is random and lives on the devices, so the figure is
+the network's and the mesh's alone. input_pipeline: train batches from the
+config's dataset, or from --photos synthetic photo-like JPEGs of that size
+(and with --prepared, from their --mode=prepare copy), on the host only.
+Compilation and warm-up are excluded; the result is the median over repeats.
+The last line printed is one JSON object. The train step imports no
+TensorFlow: it runs on machines with only JAX.
 """
 
+import io
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -28,11 +36,18 @@ from alexnet_jax import train
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file with get_config().',
     lock_config=True)
-_WHAT = flags.DEFINE_enum('what', 'train_step', ['train_step'],
-                          'What to time.')
+_WHAT = flags.DEFINE_enum('what', 'train_step',
+                          ['train_step', 'input_pipeline'], 'What to time.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median counts.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Train steps per timed repeat.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Steps (batches) per timed repeat.')
+_PHOTOS = flags.DEFINE_string(
+    'photos', '', 'input_pipeline: WIDTHxHEIGHT of synthetic photo-like '
+    'JPEGs to read instead of the config\'s dataset.')
+_PHOTOS_COUNT = flags.DEFINE_integer('photos_count', 500,
+                                     'How many synthetic photos.')
+_PREPARED = flags.DEFINE_bool('prepared', False,
+                              'input_pipeline: read the photos\' 256-px copy.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -93,14 +108,100 @@ def time_train_step(config, warmup: int, repeats: int,
   }
 
 
+def synthetic_photos(directory: str, width: int, height: int, count: int,
+                     seed: int = 0) -> float:
+  """Folder dataset of JPEGs with a photo's mix of smooth shapes and fine
+  texture (so decoding costs about what a photo's does). Returns the mean
+  file size in bytes."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  sizes = []
+  for i in range(count):
+    image = 128 + rng.normal(0, 16, (height, width, 3))
+    for cells, amplitude in ((3, 60), (12, 35), (48, 20)):
+      for c in range(3):
+        coarse = rng.uniform(-amplitude, amplitude, (cells, cells))
+        image[:, :, c] += np.asarray(Image.fromarray(
+            coarse.astype(np.float32)).resize((width, height), Image.BICUBIC))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+        buffer, format='JPEG', quality=90)
+    folder = os.path.join(directory, 'train', f'class{i % 10}')
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f'{i:05d}.jpeg'), 'wb') as f:
+      f.write(buffer.getvalue())
+    sizes.append(len(buffer.getvalue()))
+  return float(np.mean(sizes))
+
+
+def time_input_pipeline(config, warmup: int, repeats: int,
+                        steps: int) -> dict[str, object]:
+  """Train batches/sec on the host (all its cores), median over repeats."""
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  src = input_pipeline.source(config, config.dataset.train_split)
+  batches = input_pipeline.train_dataset(config, src).as_numpy_iterator()
+  for _ in range(warmup):
+    next(batches)
+  rates, cpu_per_image = [], []
+  for _ in range(repeats):
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+      next(batches)
+    images = steps * input_pipeline.process_batch_size(config.batch_size)
+    rates.append(images / (time.perf_counter() - started))
+    cpu_per_image.append((time.process_time() - cpu_started) / images)
+    print(f'{rates[-1]:.1f} images/sec, {1000 * cpu_per_image[-1]:.2f} CPU '
+          f'ms/image', file=sys.stderr, flush=True)
+  cores = len(os.sched_getaffinity(0))
+  images_per_sec = statistics.median(rates)
+  return {
+      'what': 'input_pipeline',
+      'images_per_sec': round(images_per_sec, 1),
+      'cores': cores,
+      'images_per_sec_per_core': round(images_per_sec / cores, 1),
+      # Per CPU second of this process: less moved by other jobs' load.
+      'images_per_cpu_second': round(
+          1 / statistics.median(cpu_per_image), 1),
+      'dataset': config.dataset.name,
+      'devices': 0,
+      'batch_size': config.batch_size,
+      'image_size': config.image_size,
+      'repeats': [round(r, 1) for r in rates],
+  }
+
+
+def _input_pipeline_on_photos(config, warmup, repeats, steps):
+  """time_input_pipeline on synthetic photos, or on their prepared copy."""
+  width, height = (int(v) for v in _PHOTOS.value.split('x'))
+  with tempfile.TemporaryDirectory() as tmp:
+    photos = os.path.join(tmp, 'photos')
+    mean_bytes = synthetic_photos(photos, width, height, _PHOTOS_COUNT.value)
+    config.dataset.name = f'folder:{photos}'
+    config.dataset.eval_split = config.dataset.train_split
+    config.dataset.data_dir = tmp   # the screening cache
+    if _PREPARED.value:
+      from alexnet_jax import dataset_tools  # pylint: disable=g-import-not-at-top
+      copy = os.path.join(tmp, 'copy')
+      dataset_tools.prepare(config, copy)
+      config.dataset.name = f'folder:{copy}'
+    result = time_input_pipeline(config, warmup, repeats, steps)
+  return dict(result, photos=_PHOTOS.value, prepared=_PREPARED.value,
+              photo_bytes=round(mean_bytes))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
   try:
     config_lib.validate(config)
-    result = time_train_step(config, _WARMUP.value, _REPEATS.value,
-                             _STEPS.value)
+    timings = (_WARMUP.value, _REPEATS.value, _STEPS.value)
+    if _WHAT.value == 'train_step':
+      result = time_train_step(config, *timings)
+    elif _PHOTOS.value:
+      result = _input_pipeline_on_photos(config, *timings)
+    else:
+      result = time_input_pipeline(config, *timings)
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)
   print(json.dumps(result), flush=True)

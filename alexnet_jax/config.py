@@ -37,10 +37,14 @@ def default() -> ml_collections.ConfigDict:
   c.dataset.manual_dir = ml_collections.FieldReference(None, field_type=str)
   c.dataset.train_split = 'train'
   c.dataset.eval_split = 'validation'
+  c.dataset.mean = 'per_channel'   # or 'per_pixel' (needs stats_file)
   c.dataset.mean_rgb = IMAGENET_MEAN_RGB
   c.dataset.pca_eigvals = IMAGENET_PCA_EIGVALS
   c.dataset.pca_eigvecs = IMAGENET_PCA_EIGVECS
   c.dataset.lighting_std = 0.1     # alpha ~ N(0, 0.1) per image
+  # --mode=stats output; when set, its mean and PCA replace the three above.
+  c.dataset.stats_file = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.stats_examples = 50000  # --mode=stats: images sampled (0: all)
   c.dataset.shuffle_buffer = 16384
   c.dataset.builtin_train_per_class = 600
   c.dataset.builtin_eval_per_class = 100
@@ -86,6 +90,7 @@ def validate(config) -> None:
       'model.variant': (config.model.variant, tuple(models.VARIANTS)),
       'lr_schedule': (config.lr_schedule, ('plateau', 'piecewise')),
       'eval.crops': (config.eval.crops, (1, 10)),
+      'dataset.mean': (config.dataset.mean, ('per_channel', 'per_pixel')),
       'dtype': (config.dtype, ('float32', 'bfloat16', 'float16')),
   }
   for key, (value, allowed) in choices.items():

@@ -1,24 +1,37 @@
-"""tf.data input: sources, the paper's augmentation, batches for the device.
+"""tf.data input: sources, this process's share, and batches for the device.
 
 Every source yields (encoded image bytes, label), so the built-in dataset, a
 folder of class folders and TFDS datasets share one decoding and
-augmentation path. Train batches carry uint8 pixels and the PCA lighting
-shift drawn for each image; the device subtracts the mean and adds the shift
-(see train.normalize), which keeps host-to-device traffic at a byte a pixel.
+augmentation path (augment.py). Train batches carry uint8 pixels and the PCA
+lighting shift drawn for each image; the device subtracts the mean and adds
+the shift (see train.normalize), which keeps host-to-device traffic at a
+byte a pixel.
+
+The train stream is a pure function of (seed, process, position): position p
+of this process's stream is example p % n of epoch p // n, in an order drawn
+from the seed and the epoch, augmented with randomness drawn from the seed
+and p. A run that resumes at step s starts the stream at s * local batch and
+sees exactly the examples and crops it would have seen, with nothing to
+store but the step.
 """
 
 import dataclasses
+import hashlib
+import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
+from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import augment
 from alexnet_jax import builtin_data
 from alexnet_jax import errors
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+_ENDLESS = 2**62
 
 
 class DatasetError(errors.UserError):
@@ -27,43 +40,148 @@ class DatasetError(errors.UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """Encoded examples of one split and what is known about them."""
-  dataset: tf.data.Dataset   # (image bytes, int64 label)
-  num_examples: int
+  """This process's share of one split's encoded examples."""
+  examples: tf.data.Dataset  # (image bytes, int64 label), in a fixed order
+  num_local: int             # examples in this process's share
+  num_examples: int          # in the whole split, over all processes
   class_names: tuple[str, ...]
+  # Random access by index into `examples`, where the source has it (folders);
+  # it lets the train stream start anywhere at no cost.
+  lookup: Optional[Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]] = None
 
 
-def _folder_source(root: str, split: str) -> Source:
+def cache_root(config) -> str:
+  return config.dataset.data_dir or os.path.join(
+      os.path.expanduser('~'), '.cache', 'alexnet_jax')
+
+
+def _share(count: int) -> slice:
+  """This process's examples of `count`: every process_count-th one."""
+  return slice(jax.process_index(), count, jax.process_count())
+
+
+def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
+  """Decode every file once; for each that decodes: (is JPEG, ends with the
+  JPEG end marker, colour channels in the file). Missing indices failed."""
+
+  def check(index, path):
+    data = tf.io.read_file(path)
+    # Decode all that training can use: the centre square. Raises (and the
+    # file is left out) if it cannot be decoded.
+    decoded = augment.decode_window(data, 256, 0, 0, 256)
+    with tf.control_dependencies([decoded]):  # unused, so kept explicitly
+      index = tf.identity(index)
+    is_jpeg = tf.io.is_jpeg(data)
+    channels = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2],
+                       lambda: tf.constant(3))
+    complete = tf.strings.substr(data, tf.strings.length(data) - 2, 2) == (
+        b'\xff\xd9')
+    return index, is_jpeg, complete, channels
+
+  ds = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
+      check, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors()
+  return {int(i): (bool(j), bool(c), int(ch))
+          for i, j, c, ch in ds.as_numpy_iterator()}
+
+
+def screen(paths: list[str], cache_dir: str) -> list[bool]:
+  """Which files can be decoded; each bad or repaired file is logged.
+
+  The result is kept in cache_dir, keyed by the files' names, sizes and
+  times, so a dataset is decoded in full once, not on every run.
+  """
+  fingerprint = hashlib.sha256()
+  for path in paths:
+    st = os.stat(path)
+    fingerprint.update(f'{path}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
+  cache = os.path.join(cache_dir, 'screened',
+                       fingerprint.hexdigest()[:32] + '.json')
+  if os.path.exists(cache):
+    with open(cache) as f:
+      bad = set(json.load(f)['bad'])
+    return [path not in bad for path in paths]
+  kinds = _screen_file_kinds(paths)
+  bad = [p for i, p in enumerate(paths) if i not in kinds]
+  for path in bad:
+    logging.warning('skipping %s: not a decodable image', path)
+  repairs = {
+      'truncated JPEG, missing part filled grey':
+          [p for i, p in enumerate(paths) if i in kinds and kinds[i][0]
+           and not kinds[i][1]],
+      'not a JPEG despite its name, decoded as what it is':
+          [p for i, p in enumerate(paths) if i in kinds and not kinds[i][0]
+           and p.lower().endswith(('.jpg', '.jpeg'))],
+      'grey or CMYK JPEG, converted to RGB':
+          [p for i, p in enumerate(paths) if i in kinds and kinds[i][0]
+           and kinds[i][2] != 3],
+  }
+  for what, repaired in repairs.items():
+    for path in repaired:
+      logging.warning('repaired %s: %s', path, what)
+  if bad or any(repairs.values()):
+    logging.warning('checked %d files: %d skipped, %d repaired', len(paths),
+                    len(bad), sum(map(len, repairs.values())))
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    with open(cache + '.tmp', 'w') as f:
+      json.dump({'bad': bad}, f)
+    os.replace(cache + '.tmp', cache)
+  except OSError as e:  # a read-only cache only costs time
+    logging.warning('cannot keep the screening result in %s: %s', cache, e)
+  return [i in kinds for i in range(len(paths))]
+
+
+def _class_names(split_dir: str, root: str) -> tuple[str, ...]:
+  """The class order: manifest.json's 'classes' if any, else sorted folders."""
+  manifest = os.path.join(root, 'manifest.json')
+  if os.path.exists(manifest):
+    with open(manifest) as f:
+      classes = json.load(f).get('classes')
+    if classes:
+      return tuple(classes)
+  return tuple(sorted(d for d in os.listdir(split_dir)
+                      if os.path.isdir(os.path.join(split_dir, d))))
+
+
+def _folder_source(root: str, split: str, cache_dir: str) -> Source:
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     raise DatasetError(f'no folder {split_dir}: a folder dataset needs '
                        f'{root}/<split>/<class name>/<image files>')
-  class_names = tuple(sorted(
-      d for d in os.listdir(split_dir)
-      if os.path.isdir(os.path.join(split_dir, d))))
+  class_names = _class_names(split_dir, root)
   paths, labels = [], []
   for label, name in enumerate(class_names):
     folder = os.path.join(split_dir, name)
-    for file in sorted(os.listdir(folder)):
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
       if file.lower().endswith(IMAGE_EXTENSIONS):
         paths.append(os.path.join(folder, file))
         labels.append(label)
   if not paths:
     raise DatasetError(f'no image files under {split_dir}/<class name>/')
-  files = tf.data.Dataset.from_tensor_slices(
-      (paths, np.asarray(labels, np.int64)))
-  return Source(files.map(lambda p, y: (tf.io.read_file(p), y),
-                          num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True),
-                len(paths), class_names)
+  num_examples = len(paths)
+  paths, labels = paths[_share(len(paths))], labels[_share(len(labels))]
+  good = screen(paths, cache_dir)
+  paths = [p for p, ok in zip(paths, good) if ok]
+  labels = np.asarray([y for y, ok in zip(labels, good) if ok], np.int64)
+  if not paths:
+    raise DatasetError(f'no decodable image files under {split_dir}')
+  path_table, label_table = tf.constant(paths), tf.constant(labels)
+
+  def lookup(index):
+    return (tf.io.read_file(tf.gather(path_table, index)),
+            tf.gather(label_table, index))
+
+  examples = tf.data.Dataset.range(len(paths)).map(
+      lookup, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return Source(examples, len(paths), num_examples, class_names, lookup)
 
 
 def builtin_dir(config) -> str:
-  root = config.dataset.data_dir or os.path.join(
-      os.path.expanduser('~'), '.cache', 'alexnet_jax')
-  return os.path.join(root, f'builtin_v{builtin_data.VERSION}_seed'
-                      f'{config.seed}_{config.dataset.builtin_train_per_class}'
-                      f'_{config.dataset.builtin_eval_per_class}')
+  return os.path.join(
+      cache_root(config), f'builtin_v{builtin_data.VERSION}_seed'
+      f'{config.seed}_{config.dataset.builtin_train_per_class}'
+      f'_{config.dataset.builtin_eval_per_class}')
 
 
 def _tfds_source(config, split: str) -> Source:
@@ -88,132 +206,104 @@ def _tfds_source(config, split: str) -> Source:
             f'{manual}: download them from image-net.org and set '
             f'--config.dataset.manual_dir to their folder')
     builder.download_and_prepare(download_config=download_config)
-  features = builder.info.features
-  dataset = builder.as_dataset(
+  if split not in builder.info.splits:
+    raise DatasetError(f'{config.dataset.name} has no split {split!r}: use '
+                       f'one of {", ".join(builder.info.splits)}')
+  num_examples = builder.info.splits[split].num_examples
+  share = _share(num_examples)
+  examples = builder.as_dataset(
       split=split, decoders={'image': tfds.decode.SkipDecoding()},
-      shuffle_files=False)
-  dataset = dataset.map(lambda ex: (ex['image'], ex['label']))
-  return Source(dataset, builder.info.splits[split].num_examples,
-                tuple(features['label'].names))
+      shuffle_files=False).shard(share.step, share.start)
+  examples = examples.map(lambda ex: (ex['image'], ex['label']))
+  return Source(examples, len(range(num_examples)[share]), num_examples,
+                tuple(builder.info.features['label'].names))
 
 
 def source(config, split: str) -> Source:
-  """The encoded examples of `split` of config.dataset.name."""
+  """This process's share of `split` of config.dataset.name."""
   name = config.dataset.name
   if name == 'builtin':
     directory = builtin_data.ensure(builtin_dir(config), config.seed, {
         'train': config.dataset.builtin_train_per_class,
         'validation': config.dataset.builtin_eval_per_class})
-    return _folder_source(directory, split)
+    return _folder_source(directory, split, cache_root(config))
   if name.startswith('folder:'):
-    return _folder_source(name[len('folder:'):], split)
+    return _folder_source(name[len('folder:'):], split, cache_root(config))
   return _tfds_source(config, split)
-
-
-def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """Any JPEG, PNG, BMP or GIF, grey or colour, as uint8 RGB."""
-  return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
-def resize_and_centre(image: tf.Tensor, resize_size: int) -> tf.Tensor:
-  """The paper's 256x256 image: shorter side to resize_size, centre square."""
-  shape = tf.shape(image)
-  height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-  scale = resize_size / tf.minimum(height, width)
-  new_h = tf.maximum(resize_size, tf.cast(tf.round(height * scale), tf.int32))
-  new_w = tf.maximum(resize_size, tf.cast(tf.round(width * scale), tf.int32))
-  image = tf.image.resize(image, (new_h, new_w), method='bilinear',
-                          antialias=True)
-  top = (new_h - resize_size) // 2
-  left = (new_w - resize_size) // 2
-  image = image[top:top + resize_size, left:left + resize_size]
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def pca_lighting(seed: tf.Tensor, eigvals, eigvecs, std: float) -> tf.Tensor:
-  """The colour shift V (alpha * s), alpha ~ N(0, std), one per image."""
-  alpha = tf.random.stateless_normal([3], seed, stddev=std)
-  return tf.linalg.matvec(tf.constant(eigvecs, tf.float32),
-                          alpha * tf.constant(eigvals, tf.float32))
-
-
-def train_preprocess(config, encoded, label, seed):
-  """Random image_size crop of the centre square, flip with p=0.5, lighting."""
-  image = resize_and_centre(decode(encoded), config.resize_size)
-  crop_seed, flip_seed, light_seed = tf.unstack(
-      tf.random.experimental.stateless_split(seed, 3))
-  size = config.image_size
-  image = tf.image.stateless_random_crop(image, (size, size, 3), crop_seed)
-  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  lighting = pca_lighting(light_seed, config.dataset.pca_eigvals,
-                          config.dataset.pca_eigvecs,
-                          config.dataset.lighting_std)
-  return {'image': image, 'label': tf.cast(label, tf.int32),
-          'lighting': lighting}
-
-
-def eval_crops(image: tf.Tensor, size: int, crops: int) -> tf.Tensor:
-  """The centre crop (crops=1) or the paper's 10: corners, centre, mirrors."""
-  full = tf.shape(image)[0]
-  centre = (full - size) // 2
-  if crops == 1:
-    return image[centre:centre + size, centre:centre + size]
-  if crops != 10:
-    raise ValueError(f'eval.crops must be 1 or 10, got {crops}')
-  far = full - size
-  offsets = ((0, 0), (0, far), (far, 0), (far, far), (centre, centre))
-  five = tf.stack([image[y:y + size, x:x + size] for y, x in offsets])
-  return tf.concat([five, tf.reverse(five, axis=[2])], axis=0)
-
-
-def eval_preprocess(config, encoded, label):
-  image = resize_and_centre(decode(encoded), config.resize_size)
-  return {'image': eval_crops(image, config.image_size, config.eval.crops),
-          'label': tf.cast(label, tf.int32)}
 
 
 def process_batch_size(global_batch: int) -> int:
   if global_batch % jax.process_count():
-    raise errors.UserError(f'batch_size {global_batch} must divide evenly among '
-                     f'{jax.process_count()} processes')
+    raise errors.UserError(f'batch_size {global_batch} must divide evenly '
+                           f'among {jax.process_count()} processes')
   return global_batch // jax.process_count()
 
 
-def train_dataset(config, src: Source) -> tf.data.Dataset:
-  """Endless shuffled, augmented batches for this process.
+def positioned_examples(config, src: Source, start: int) -> tf.data.Dataset:
+  """(bytes, label, position) from `start` on, one epoch after another."""
+  n, seed = src.num_local, config.seed
+  if src.lookup is not None:
+    def example(position):
+      epoch_seed = tf.stack([tf.constant(seed, tf.int64),
+                             tf.constant(jax.process_index(), tf.int64),
+                             position // n])
+      index = tf.raw_ops.RandomIndexShuffle(
+          index=position % n, seed=epoch_seed,
+          max_index=tf.constant(n - 1, tf.int64))
+      return (*src.lookup(index), position)
+    return tf.data.Dataset.range(start, _ENDLESS).map(
+        example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # A sequential source: a shuffle buffer drawn anew each epoch. Resuming
+  # re-reads (without decoding) the part of the epoch already seen.
+  first_epoch, seen = divmod(start, n)
+  buffer = min(config.dataset.shuffle_buffer, n)
+  epochs = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(
+      lambda epoch: src.examples.shuffle(buffer, seed=seed * 1_000_003 + epoch))
+  positions = tf.data.Dataset.range(start, _ENDLESS)
+  return tf.data.Dataset.zip((epochs.skip(seen), positions)).map(
+      lambda example, position: (*example, position))
 
-  Random choices use stateless ops seeded by (seed, position in the stream),
-  so the stream is the same on every run with the same seed.
-  """
-  ds = src.dataset.shard(jax.process_count(), jax.process_index())
-  ds = ds.cache() if src.num_examples <= 100_000 else ds
-  ds = ds.shuffle(min(config.dataset.shuffle_buffer, src.num_examples),
-                  seed=config.seed, reshuffle_each_iteration=True).repeat()
-  ds = ds.enumerate().map(
-      lambda i, ex: train_preprocess(
-          config, ex[0], ex[1],
-          tf.stack([tf.cast(config.seed, tf.int64), i])),
+
+def train_dataset(config, src: Source, start_step: int = 0) -> tf.data.Dataset:
+  """Endless augmented batches for this process, from train step start_step."""
+  local_batch = process_batch_size(config.batch_size)
+  process_seed = tf.constant([config.seed, jax.process_index()], tf.int64)
+  ds = positioned_examples(config, src, start_step * local_batch)
+  ds = ds.map(
+      lambda encoded, label, position: augment.train_example(
+          config, encoded, label,
+          tf.random.experimental.stateless_fold_in(process_seed, position)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(process_batch_size(config.batch_size), drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_batches(config, src: Source) -> Iterator[dict[str, np.ndarray]]:
   """Every example of this process's share exactly once, in full batches.
 
-  The last batch is padded with zeros; 'mask' is 1 for real examples only.
+  Padding fills the last batch, and whole batches where this process has
+  fewer examples than another, so every process runs the same number of
+  steps; 'mask' is 1 for real examples only.
   """
   batch = process_batch_size(config.eval.batch_size)
-  ds = src.dataset.shard(jax.process_count(), jax.process_index())
-  ds = ds.map(lambda x, y: eval_preprocess(config, x, y),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  most_per_process = -(-src.num_examples // jax.process_count())
+  num_batches = -(-most_per_process // batch)
+  ds = src.examples.map(lambda x, y: augment.eval_example(config, x, y),
+                        num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
-  for b in ds.as_numpy_iterator():
+  padding = None
+  batches = ds.as_numpy_iterator()
+  for _ in range(num_batches):
+    b = next(batches, None)
+    if b is None:
+      b = {k: v[:0] for k, v in padding.items()}
     real = b['label'].shape[0]
     b['mask'] = np.ones(real, np.float32)
     if real < batch:
       b = {k: np.concatenate([v, np.zeros((batch - real,) + v.shape[1:],
                                           v.dtype)]) for k, v in b.items()}
+    padding = b
     yield b
 
 

@@ -3,6 +3,10 @@
   python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR
   python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
       --mode=eval
+  python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=COPY \
+      --mode=prepare     # a 256-px copy to train from (folder:COPY)
+  python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR \
+      --mode=stats       # the training set's mean and colour PCA
 
 Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
@@ -22,20 +26,22 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Folder for checkpoints, logs and metrics.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train (or resume), or eval the latest checkpoint.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval', 'prepare', 'stats'],
+    'train (or resume); eval the latest checkpoint; prepare a 256-px copy of '
+    'the dataset in workdir; stats: the dataset\'s mean and PCA to workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 def _run(mode: str, config, workdir: str) -> None:
   # Imported here so that --help and flag errors stay fast.
+  from alexnet_jax import dataset_tools
   from alexnet_jax import evaluate
   from alexnet_jax import trainer
-  if mode == 'train':
-    trainer.train_and_evaluate(config, workdir)
-  else:
-    evaluate.run(config, workdir)
+  jobs = {'train': trainer.train_and_evaluate, 'eval': evaluate.run,
+          'prepare': dataset_tools.prepare, 'stats': dataset_tools.stats}
+  jobs[mode](config, workdir)
 
 
 def _parse_flags(argv):

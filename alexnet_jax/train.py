@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import optax
 
+from alexnet_jax import dataset_stats
 from alexnet_jax import models
 from alexnet_jax import optimizer
 from alexnet_jax import parallel
@@ -71,9 +72,10 @@ def create_sharded_train_state(config, mesh: jax.sharding.Mesh) -> TrainState:
                  out_shardings=state_shardings(config, mesh))()
 
 
-def normalize(images: jax.Array, mean_rgb, lighting=None) -> jax.Array:
-  """uint8 pixels to the network's input: minus the mean, plus lighting."""
-  x = images.astype(jnp.float32) - jnp.asarray(mean_rgb, jnp.float32)
+def normalize(images: jax.Array, mean, lighting=None) -> jax.Array:
+  """uint8 pixels to the network's input: minus the mean (per channel or per
+  pixel, dataset_stats.mean), plus lighting."""
+  x = images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)
   if lighting is not None:
     x = x + lighting[:, None, None, :]
   return x
@@ -142,10 +144,10 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   """
   tx = make_optimizer(config)
   model = mesh_model(config, mesh)
+  mean = dataset_stats.mean(config)
 
   def device_sums(params, batch, rng_data):
-    images = normalize(batch['image'], config.dataset.mean_rgb,
-                       batch['lighting'])
+    images = normalize(batch['image'], mean, batch['lighting'])
     logits = model.apply({'params': params}, images, train=True,
                          dropout_rng=jax.random.wrap_key_data(rng_data))
     return _total_over_data(classification_sums(
@@ -184,13 +186,14 @@ def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
   paper. batch['mask'] is 0 for padding examples, which are not counted.
   """
   model = mesh_model(config, mesh)
+  mean = dataset_stats.mean(config)
 
   def device_sums(params, batch):
     images = batch['image']
     crops = images.shape[1] if images.ndim == 5 else 1
     flat = images.reshape((-1,) + images.shape[-3:])
     logits = model.apply({'params': params},
-                         normalize(flat, config.dataset.mean_rgb))
+                         normalize(flat, mean))
     probs = jax.nn.softmax(logits).reshape(images.shape[0], crops, -1)
     mean_log_probs = jnp.log(jnp.mean(probs, axis=1))
     return _total_over_data(classification_sums(

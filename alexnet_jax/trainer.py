@@ -61,8 +61,9 @@ def train_and_evaluate(config, workdir: str) -> train.TrainState:
   eval_step = train.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
 
-  batches = input_pipeline.train_dataset(config, train_src).as_numpy_iterator()
   step = int(state.step)
+  batches = input_pipeline.train_dataset(
+      config, train_src, start_step=step).as_numpy_iterator()
   pending, last_log_time, last_log_step = [], time.time(), step
   started = time.time()
   print(f'training {config.model.variant} for {total_steps} steps '

@@ -1,9 +1,13 @@
 """The built-in dataset and the tf.data paths that read it."""
 
+import dataclasses
 import hashlib
+import io
+import logging
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -67,18 +71,6 @@ def test_eval_counts_every_example_once_with_a_padded_last_batch(tiny_config):
   np.testing.assert_array_equal(batches[-1]['mask'], [1, 1, 0, 0, 0, 0, 0])
 
 
-def test_ten_crops_are_the_corners_centre_and_mirrors():
-  image = tf.reshape(tf.range(8 * 8 * 3), (8, 8, 3))
-  crops = input_pipeline.eval_crops(image, 4, 10).numpy()
-  img = image.numpy()
-  want = [img[0:4, 0:4], img[0:4, 4:8], img[4:8, 0:4], img[4:8, 4:8],
-          img[2:6, 2:6]]
-  want += [w[:, ::-1] for w in want]
-  np.testing.assert_array_equal(crops, np.stack(want))
-  np.testing.assert_array_equal(
-      input_pipeline.eval_crops(image, 4, 1).numpy(), img[2:6, 2:6])
-
-
 def test_missing_folder_dataset_names_the_expected_layout(tiny_config,
                                                          tmp_path):
   tiny_config.dataset.name = f'folder:{tmp_path}/nothing'
@@ -95,3 +87,87 @@ def test_imagenet_without_archives_says_which_files_and_where(tiny_config,
   with pytest.raises(input_pipeline.DatasetError,
                      match='ILSVRC2012_img_train.tar.*manual_dir'):
     input_pipeline.source(tiny_config, 'train')
+
+
+def _batches(config, src, start_step, count):
+  stream = input_pipeline.train_dataset(config, src, start_step)
+  return [b for _, b in zip(range(count), stream.as_numpy_iterator())]
+
+
+@pytest.mark.parametrize('random_access', [True, False])
+def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config,
+                                                          random_access):
+  src = input_pipeline.source(tiny_config, 'train')
+  if not random_access:   # as a TFDS source reads: in order, no lookup
+    src = dataclasses.replace(src, lookup=None)
+  # 80 examples, 16 a batch: an epoch is 5 batches; resume inside epoch 0
+  # and run on into epoch 1.
+  whole = _batches(tiny_config, src, 0, 8)
+  resumed = _batches(tiny_config, src, 3, 5)
+  for want, got in zip(whole[3:], resumed):
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+  # An epoch holds every example once (labels: 8 of each class), and the
+  # next epoch comes in another order.
+  epoch = np.concatenate([b['label'] for b in whole[:5]])
+  np.testing.assert_array_equal(np.bincount(epoch), [8] * 10)
+  assert not np.array_equal(
+      epoch, np.concatenate([b['label'] for b in whole[5:]] +
+                            [_batches(tiny_config, src, 8, 2)[0]['label'],
+                             _batches(tiny_config, src, 9, 1)[0]['label']]))
+
+
+def _encode(array, fmt='JPEG', mode=None):
+  buffer = io.BytesIO()
+  image = Image.fromarray(array)
+  (image.convert(mode) if mode else image).save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
+                                                             tmp_path,
+                                                             caplog):
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, (120, 160, 3), np.uint8)
+  files = {
+      'good.jpeg': _encode(photo),
+      'truncated.jpeg': _encode(photo)[:3000],
+      'cmyk.jpeg': _encode(photo, mode='CMYK'),
+      'grey.jpeg': _encode(photo, mode='L'),
+      'png_named.JPEG': _encode(photo, fmt='PNG'),
+      'tiny.jpeg': _encode(photo[:1, :2]),
+      'huge.jpeg': _encode(np.zeros((3000, 4000, 3), np.uint8)),
+      'garbage.jpeg': rng.bytes(4000),
+      'empty.jpeg': b'',
+      'header_then_garbage.jpeg': _encode(photo)[:600] + rng.bytes(9000),
+  }
+  for split in ('train', 'validation'):
+    for name, data in files.items():
+      folder = tmp_path / 'data' / split / 'thing'
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / name).write_bytes(data)
+  tiny_config.dataset.name = f'folder:{tmp_path}/data'
+  tiny_config.dataset.data_dir = str(tmp_path / 'cache')
+  tiny_config.batch_size, tiny_config.eval.batch_size = 7, 4
+  with caplog.at_level(logging.WARNING):
+    src = input_pipeline.source(tiny_config, 'train')
+  log = caplog.text
+  for name in ('garbage.jpeg', 'empty.jpeg', 'header_then_garbage.jpeg'):
+    assert f'skipping {tmp_path}/data/train/thing/{name}' in log
+  for name in ('truncated.jpeg', 'cmyk.jpeg', 'grey.jpeg', 'png_named.JPEG'):
+    assert f'repaired {tmp_path}/data/train/thing/{name}' in log
+  assert 'checked 10 files: 3 skipped, 4 repaired' in log
+  assert src.num_local == 7
+  # Two epochs of training and a whole evaluation go through.
+  batches = _batches(tiny_config, src, 0, 2)
+  assert all(b['image'].shape == (7, 64, 64, 3) for b in batches)
+  eval_src = input_pipeline.source(tiny_config, 'validation')
+  masks = [b['mask'] for b in input_pipeline.eval_batches(tiny_config,
+                                                          eval_src)]
+  assert sum(m.sum() for m in masks) == 7 and len(masks) == 3
+  # The screening result is kept: a second look decodes nothing and logs
+  # nothing.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    again = input_pipeline.source(tiny_config, 'train')
+  assert again.num_local == 7 and 'skipping' not in caplog.text

@@ -1,0 +1,88 @@
+"""The training set's mean and colour PCA: from the config or a stats file.
+
+`--mode=stats` writes WORKDIR/dataset_stats.npz; pointing
+--config.dataset.stats_file at it makes training and evaluation use the
+measured values instead of the released ImageNet ones, and
+--config.dataset.mean=per_pixel subtracts the mean image as the released
+code did (its centre image_size square, for every crop). No TensorFlow here:
+the train step needs the mean on machines without it.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+
+from alexnet_jax import errors
+
+FILE_NAME = 'dataset_stats.npz'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+  mean_image: np.ndarray   # (resize_size, resize_size, 3), 0-255
+  mean_rgb: np.ndarray     # (3,)
+  pca_eigvals: np.ndarray  # (3,) square roots of the eigenvalues, descending
+  pca_eigvecs: np.ndarray  # (3, 3) columns are the eigenvectors
+  examples: int
+
+
+def save(path: str, stats: Stats) -> None:
+  with open(path + '.tmp', 'wb') as f:
+    np.savez(f, **dataclasses.asdict(stats))
+  os.replace(path + '.tmp', path)
+
+
+def load(path: str) -> Stats:
+  try:
+    with np.load(path) as data:
+      return Stats(**{f.name: data[f.name]
+                      for f in dataclasses.fields(Stats)})
+  except (OSError, KeyError, ValueError) as e:
+    raise errors.UserError(
+        f'cannot read dataset.stats_file {path} ({e}): make it with '
+        f'--mode=stats') from e
+
+
+def from_pixels(pixel_sum, pixel_outer_sum, image_sum, examples: int) -> Stats:
+  """Mean and PCA from sums over `examples` images of float64 RGB pixels."""
+  pixels = examples * image_sum.shape[0] * image_sum.shape[1]
+  mean_rgb = pixel_sum / pixels
+  covariance = pixel_outer_sum / pixels - np.outer(mean_rgb, mean_rgb)
+  eigvals, eigvecs = np.linalg.eigh(covariance)
+  order = np.argsort(eigvals)[::-1]
+  eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+  eigvecs = eigvecs * np.where(eigvecs.sum(0) > 0, -1.0, 1.0)  # fix the signs
+  return Stats(image_sum / examples, mean_rgb,
+               np.sqrt(np.maximum(eigvals, 0.0)), eigvecs, examples)
+
+
+def _from_file(config):
+  return load(config.dataset.stats_file) if config.dataset.stats_file else None
+
+
+def mean(config) -> np.ndarray:
+  """What the device subtracts: (3,) per channel, or (S, S, 3) per pixel."""
+  stats = _from_file(config)
+  if config.dataset.mean == 'per_channel':
+    return np.asarray(stats.mean_rgb if stats else config.dataset.mean_rgb,
+                      np.float32)
+  if stats is None:
+    raise errors.UserError('dataset.mean=per_pixel needs the mean image: run '
+                           '--mode=stats and set --config.dataset.stats_file')
+  full, size = stats.mean_image.shape[0], config.image_size
+  if full != config.resize_size:
+    raise errors.UserError(
+        f'{config.dataset.stats_file} was made with resize_size={full}, not '
+        f'{config.resize_size}: run --mode=stats again with this config')
+  top = (full - size) // 2
+  return stats.mean_image[top:top + size, top:top + size].astype(np.float32)
+
+
+def pca(config) -> tuple[np.ndarray, np.ndarray]:
+  """(sqrt-eigenvalues, eigenvector columns) for the PCA lighting."""
+  stats = _from_file(config)
+  if stats is not None:
+    return stats.pca_eigvals, stats.pca_eigvecs
+  return (np.asarray(config.dataset.pca_eigvals),
+          np.asarray(config.dataset.pca_eigvecs))

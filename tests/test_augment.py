@@ -1,0 +1,113 @@
+"""The paper's augmentation: crop offsets, flips, PCA lighting, windows."""
+
+import io
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from alexnet_jax import augment
+from alexnet_jax import config as config_lib
+from alexnet_jax import train
+
+
+def _png(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _config(resize_size, image_size):
+  config = config_lib.default()
+  config.resize_size, config.image_size = resize_size, image_size
+  return config
+
+
+def test_random_crops_reach_all_33x33_offsets_and_flip_half_the_time():
+  # A lossless image at resize_size whose red is x and green is y, so a
+  # crop's first pixels say where it was cut and whether it was mirrored.
+  config = _config(resize_size=40, image_size=8)   # 33 offsets a side
+  y, x = np.mgrid[0:40, 0:40]
+  encoded = tf.constant(_png(np.stack([x, y, 0 * x], -1).astype(np.uint8)))
+  draws = 20_000
+  seeds = tf.data.Dataset.range(draws).map(
+      lambda i: tf.stack([tf.constant(3, tf.int64), i]))
+  crops = seeds.map(
+      lambda s: augment.train_example(config, encoded, 0, s)['image'],
+      num_parallel_calls=tf.data.AUTOTUNE).batch(draws)
+  images = next(crops.as_numpy_iterator()).astype(int)
+  red = images[:, 0, :, 0]
+  flipped = red[:, 0] > red[:, 1]
+  left = np.where(flipped, red[:, -1], red[:, 0])
+  top = images[:, 0, 0, 1]
+  # Each crop is a contiguous 8x8 window, mirrored or not.
+  np.testing.assert_array_equal(np.abs(np.diff(red, axis=1)), 1)
+  offsets = set(zip(top.tolist(), left.tolist()))
+  assert offsets == {(t, l) for t in range(33) for l in range(33)}
+  assert abs(flipped.mean() - 0.5) < 0.02       # 4.5 standard deviations
+
+
+def test_pca_lighting_has_the_paper_covariance_and_is_one_shift_per_image():
+  config = config_lib.default()
+  eigvals = np.asarray(config.dataset.pca_eigvals)
+  eigvecs = np.asarray(config.dataset.pca_eigvecs)
+  draws = 40_000
+  shifts = tf.data.Dataset.range(draws).map(
+      lambda i: augment.pca_lighting(tf.stack([tf.constant(5, tf.int64), i]),
+                                     eigvals, eigvecs, 0.1)).batch(draws)
+  shifts = next(shifts.as_numpy_iterator())
+  want = eigvecs @ np.diag((0.1 * eigvals) ** 2) @ eigvecs.T
+  # Standard error of the mean: 12.2 / sqrt(40000) = 0.06 for the largest.
+  np.testing.assert_allclose(shifts.mean(0), 0, atol=0.3)
+  np.testing.assert_allclose(np.cov(shifts.T), want, rtol=0.05,
+                             atol=0.02 * want.max())
+  # On the device the shift is added to every pixel of its image alike.
+  images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), np.uint8)
+  lit = np.asarray(train.normalize(images, (1., 2., 3.), shifts[:2]))
+  plain = np.asarray(train.normalize(images, (1., 2., 3.)))
+  np.testing.assert_allclose(lit - plain,
+                             np.broadcast_to(shifts[:2, None, None],
+                                             lit.shape), atol=1e-4)
+
+
+def test_a_jpeg_window_decoded_in_place_matches_resize_then_crop():
+  rng = np.random.default_rng(1)
+  smooth = np.asarray(Image.fromarray(
+      rng.integers(0, 256, (8, 10, 3), np.uint8)).resize((500, 375),
+                                                          Image.BICUBIC))
+  buffer = io.BytesIO()
+  Image.fromarray(smooth).save(buffer, format='JPEG', quality=95)
+  encoded = tf.constant(buffer.getvalue())
+  # The reference: the paper's 256x256 image, then the window.
+  reference = tf.image.resize(tf.io.decode_jpeg(encoded), (256, 341),
+                              antialias=True)[:, 42:298]
+  for top, left in ((0, 0), (32, 32), (7, 25)):
+    window = augment.decode_window(encoded, 256, top, left, 224).numpy()
+    want = reference[top:top + 224, left:left + 224].numpy()
+    assert np.abs(window.astype(float) - want).mean() < 3.0
+
+
+def test_ten_crops_are_the_corners_centre_and_mirrors():
+  image = tf.reshape(tf.range(8 * 8 * 3), (8, 8, 3))
+  crops = augment.eval_crops(image, 4, 10).numpy()
+  img = image.numpy()
+  want = [img[0:4, 0:4], img[0:4, 4:8], img[4:8, 0:4], img[4:8, 4:8],
+          img[2:6, 2:6]]
+  want += [w[:, ::-1] for w in want]
+  np.testing.assert_array_equal(crops, np.stack(want))
+  np.testing.assert_array_equal(augment.eval_crops(image, 4, 1).numpy(),
+                                img[2:6, 2:6])
+
+
+def test_eval_examples_are_the_centre_windows_of_the_256_image():
+  config = _config(resize_size=40, image_size=8)
+  config.eval.crops = 10
+  y, x = np.mgrid[0:60, 0:40]   # portrait: the centre square is rows 10-50
+  encoded = tf.constant(_png(np.stack([x, y, 0 * x], -1).astype(np.uint8)))
+  ten = augment.eval_example(config, encoded, 0)['image'].numpy()
+  assert ten.shape == (10, 8, 8, 3)
+  assert [(c[0, 0, 1], c[0, 0, 0]) for c in ten[:5]] == [
+      (10, 0), (10, 32), (42, 0), (42, 32), (26, 16)]
+  config.eval.crops = 1
+  centre = augment.eval_example(config, encoded, 0)['image'].numpy()
+  np.testing.assert_array_equal(centre, ten[4])
