@@ -37,5 +37,6 @@ def run(config, workdir: str) -> dict[str, float]:
   split = f'eval_{config.eval.crops}crop'
   metric_writer.MetricWriter(workdir).write(int(state.step), split, metrics)
   print(f'step {int(state.step)} {split}: ' + ', '.join(
-      f'{k} {v:.4f}' for k, v in sorted(metrics.items())), flush=True)
+      f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+      for k, v in sorted(metrics.items())), flush=True)
   return metrics

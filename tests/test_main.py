@@ -81,6 +81,23 @@ def test_a_two_by_two_mesh_run_reaches_the_one_device_parameters(
   assert not np.allclose(one['fc8']['kernel'], earlier['fc8']['kernel'])
 
 
+def test_stopping_and_resuming_gives_bitwise_the_uninterrupted_run(
+    tmp_path, data_dir):
+  """Same command again on the workdir: it continues from step 2 with the
+  same examples, crops and dropout as if it had never stopped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flags = _tiny_flags(data_dir, eval_batch=8)
+  _main(*flags, f'--workdir={tmp_path}/whole')
+  _main(*flags, f'--workdir={tmp_path}/resumed', '--config.num_train_steps=2')
+  resumed = _main(*flags, f'--workdir={tmp_path}/resumed')
+  assert 'from step 2' in resumed.stdout
+  whole = _checkpointed_params(f'{tmp_path}/whole', 4)
+  again = _checkpointed_params(f'{tmp_path}/resumed', 4)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_one_step_of_the_ilsvrc2012_config_checkpoints_60965224_params(
     tmp_path, data_dir):
   workdir = str(tmp_path / 'paper')

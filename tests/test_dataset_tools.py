@@ -1,0 +1,87 @@
+"""--mode=prepare (the 256-px copy) and --mode=stats (mean and PCA)."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from alexnet_jax import dataset_stats
+from alexnet_jax import dataset_tools
+from alexnet_jax import errors
+from alexnet_jax import input_pipeline
+
+
+def test_prepare_writes_a_copy_at_resize_size_that_trains_alike(tiny_config,
+                                                               tmp_path):
+  copy = str(tmp_path / 'copy')
+  dataset_tools.prepare(tiny_config, copy)
+  original = input_pipeline.source(tiny_config, 'train')
+  tiny_config.dataset.name = f'folder:{copy}'
+  prepared = input_pipeline.source(tiny_config, 'train')
+  assert prepared.class_names == original.class_names
+  assert prepared.num_examples == 80
+  assert input_pipeline.source(tiny_config, 'validation').num_examples == 30
+  for root, _, files in os.walk(os.path.join(copy, 'train', 'star')):
+    for f in files:
+      shape = Image.open(os.path.join(root, f)).size
+      assert min(shape) == tiny_config.resize_size
+  labels = [y for _, y in prepared.examples.as_numpy_iterator()]
+  np.testing.assert_array_equal(np.bincount(labels), [8] * 10)
+  batch = next(input_pipeline.train_dataset(tiny_config, prepared)
+               .as_numpy_iterator())
+  assert batch['image'].shape == (16, 64, 64, 3)
+  with pytest.raises(errors.UserError, match='already holds a prepared copy'):
+    dataset_tools.prepare(tiny_config, copy)
+
+
+def test_stats_are_the_mean_and_colour_pca_of_the_images(tiny_config,
+                                                        tmp_path):
+  # Lossless images already at resize_size, so the numbers can be checked
+  # against the pixels themselves.
+  rng = np.random.default_rng(0)
+  size = tiny_config.resize_size
+  mixing = np.array([[1.0, 0.5, 0.2], [0.0, 1.0, 0.4], [0.0, 0.0, 0.5]])
+  images = []
+  for i in range(12):
+    pixels = rng.normal(0, 30, (size, size, 3)) @ mixing + (120, 100, 80)
+    images.append(np.clip(pixels, 0, 255).astype(np.uint8))
+    folder = tmp_path / 'data' / 'train' / f'c{i % 2}'
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(images[-1]).save(buffer, format='PNG')
+    (folder / f'{i}.png').write_bytes(buffer.getvalue())
+  tiny_config.dataset.name = f'folder:{tmp_path}/data'
+  tiny_config.dataset.stats_examples = 0
+  stats = dataset_tools.stats(tiny_config, str(tmp_path / 'work'))
+  pixels = np.stack(images).astype(float)
+  np.testing.assert_allclose(stats.mean_image, pixels.mean(0), atol=1e-6)
+  np.testing.assert_allclose(stats.mean_rgb, pixels.reshape(-1, 3).mean(0))
+  covariance = np.cov(pixels.reshape(-1, 3).T, bias=True)
+  v, s = stats.pca_eigvecs, stats.pca_eigvals
+  np.testing.assert_allclose(v @ np.diag(s ** 2) @ v.T, covariance,
+                             rtol=1e-6)
+  assert list(s) == sorted(s, reverse=True)
+  # The saved file feeds the config: per-channel, or the centre of the mean
+  # image per pixel, as the released code subtracted it.
+  tiny_config.dataset.stats_file = str(tmp_path / 'work' /
+                                       dataset_stats.FILE_NAME)
+  np.testing.assert_allclose(dataset_stats.mean(tiny_config), stats.mean_rgb,
+                             rtol=1e-6)
+  tiny_config.dataset.mean = 'per_pixel'
+  start = (size - tiny_config.image_size) // 2
+  np.testing.assert_allclose(
+      dataset_stats.mean(tiny_config),
+      stats.mean_image[start:start + 64, start:start + 64], rtol=1e-6)
+  eigvals, eigvecs = dataset_stats.pca(tiny_config)
+  np.testing.assert_array_equal(eigvecs, v)
+  tiny_config.dataset.stats_file = str(tmp_path / 'missing.npz')
+  with pytest.raises(errors.UserError, match='make it with --mode=stats'):
+    dataset_stats.mean(tiny_config)
+
+
+def test_per_pixel_mean_without_stats_says_how_to_make_them(tiny_config):
+  tiny_config.dataset.mean = 'per_pixel'
+  with pytest.raises(errors.UserError, match='run --mode=stats'):
+    dataset_stats.mean(tiny_config)
