@@ -4,6 +4,8 @@ Config files in configs/ start from `default()` and change a few fields, so
 every run has every key and a mistyped override fails at once.
 """
 
+import os
+
 import ml_collections
 
 # The released 2012 code's per-channel ImageNet mean and RGB PCA (0-255 units).
@@ -98,6 +100,13 @@ def validate(config) -> None:
       raise errors.UserError(
           f'{key}={value!r} is not supported: use one of '
           f'{", ".join(map(repr, allowed))}')
+  stats_file = config.dataset.stats_file
+  if stats_file and not os.path.isfile(stats_file):
+    raise errors.UserError(f'dataset.stats_file {stats_file} does not exist: '
+                           f'make it with --mode=stats')
+  if config.dataset.mean == 'per_pixel' and not stats_file:
+    raise errors.UserError('dataset.mean=per_pixel needs the mean image: run '
+                           '--mode=stats and set --config.dataset.stats_file')
   if config.image_size < 64:
     raise errors.UserError(f'image_size={config.image_size} is too small: '
                            f'AlexNet needs at least 64 pixels')

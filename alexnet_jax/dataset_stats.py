@@ -62,14 +62,14 @@ def _from_file(config):
 
 
 def mean(config) -> np.ndarray:
-  """What the device subtracts: (3,) per channel, or (S, S, 3) per pixel."""
+  """What the device subtracts: (3,) per channel, or (S, S, 3) per pixel.
+
+  config.validate has checked that per_pixel comes with a stats_file.
+  """
   stats = _from_file(config)
   if config.dataset.mean == 'per_channel':
     return np.asarray(stats.mean_rgb if stats else config.dataset.mean_rgb,
                       np.float32)
-  if stats is None:
-    raise errors.UserError('dataset.mean=per_pixel needs the mean image: run '
-                           '--mode=stats and set --config.dataset.stats_file')
   full, size = stats.mean_image.shape[0], config.image_size
   if full != config.resize_size:
     raise errors.UserError(

@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from alexnet_jax import config as config_lib
 from alexnet_jax import dataset_stats
 from alexnet_jax import dataset_tools
 from alexnet_jax import errors
@@ -76,12 +77,17 @@ def test_stats_are_the_mean_and_colour_pca_of_the_images(tiny_config,
       stats.mean_image[start:start + 64, start:start + 64], rtol=1e-6)
   eigvals, eigvecs = dataset_stats.pca(tiny_config)
   np.testing.assert_array_equal(eigvecs, v)
-  tiny_config.dataset.stats_file = str(tmp_path / 'missing.npz')
+  (tmp_path / 'bad.npz').write_bytes(b'not numpy')
+  tiny_config.dataset.stats_file = str(tmp_path / 'bad.npz')
   with pytest.raises(errors.UserError, match='make it with --mode=stats'):
     dataset_stats.mean(tiny_config)
 
 
-def test_per_pixel_mean_without_stats_says_how_to_make_them(tiny_config):
+def test_stats_settings_that_cannot_work_are_refused_up_front(tiny_config,
+                                                             tmp_path):
   tiny_config.dataset.mean = 'per_pixel'
   with pytest.raises(errors.UserError, match='run --mode=stats'):
-    dataset_stats.mean(tiny_config)
+    config_lib.validate(tiny_config)
+  tiny_config.dataset.stats_file = str(tmp_path / 'missing.npz')
+  with pytest.raises(errors.UserError, match='does not exist: make it with'):
+    config_lib.validate(tiny_config)
