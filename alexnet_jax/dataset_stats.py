@@ -44,10 +44,11 @@ def load(path: str) -> Stats:
         f'--mode=stats') from e
 
 
-def from_pixels(pixel_sum, pixel_outer_sum, image_sum, examples: int) -> Stats:
-  """Mean and PCA from sums over `examples` images of float64 RGB pixels."""
+def from_sums(image_sum, pixel_outer_sum, examples: int) -> Stats:
+  """Mean and PCA from sums over `examples` images of float64 RGB pixels:
+  of the images (H, W, 3) and of each pixel's outer product (3, 3)."""
   pixels = examples * image_sum.shape[0] * image_sum.shape[1]
-  mean_rgb = pixel_sum / pixels
+  mean_rgb = image_sum.sum((0, 1)) / pixels
   covariance = pixel_outer_sum / pixels - np.outer(mean_rgb, mean_rgb)
   eigvals, eigvecs = np.linalg.eigh(covariance)
   order = np.argsort(eigvals)[::-1]

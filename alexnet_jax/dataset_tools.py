@@ -92,8 +92,7 @@ def _image_sums(encoded, label, position, resize_size):
   image = tf.cast(augment.decode_window(encoded, resize_size, 0, 0,
                                         resize_size), tf.float64)
   pixels = tf.reshape(image, (-1, 3))
-  return image, tf.reduce_sum(pixels, 0), tf.einsum('pi,pj->ij', pixels,
-                                                    pixels)
+  return image, tf.einsum('pi,pj->ij', pixels, pixels)
 
 
 def stats(config, workdir: str) -> dataset_stats.Stats:
@@ -109,13 +108,11 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   ds = ds.map(lambda *ex: _image_sums(*ex, config.resize_size),
               num_parallel_calls=tf.data.AUTOTUNE).batch(64)
   size = config.resize_size
-  image_sum = np.zeros((size, size, 3))
-  pixel_sum, outer_sum = np.zeros(3), np.zeros((3, 3))
-  for images, pixels, outer in ds.as_numpy_iterator():
+  image_sum, outer_sum = np.zeros((size, size, 3)), np.zeros((3, 3))
+  for images, outer in ds.as_numpy_iterator():
     image_sum += images.sum(0)
-    pixel_sum += pixels.sum(0)
     outer_sum += outer.sum(0)
-  result = dataset_stats.from_pixels(pixel_sum, outer_sum, image_sum, sample)
+  result = dataset_stats.from_sums(image_sum, outer_sum, sample)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, dataset_stats.FILE_NAME)
   dataset_stats.save(path, result)
