@@ -23,24 +23,6 @@ from alexnet_jax import input_pipeline
 JPEG_QUALITY = 95
 
 
-def shorter_side_to(encoded: tf.Tensor, size: int) -> tf.Tensor:
-  """The whole image as RGB, resized so its shorter side is `size`."""
-  image = tf.cond(
-      tf.io.is_jpeg(encoded),
-      lambda: tf.io.decode_jpeg(encoded, channels=3,
-                                try_recover_truncated=True,
-                                acceptable_fraction=0.0),
-      lambda: tf.io.decode_image(encoded, channels=3,
-                                 expand_animations=False))
-  image.set_shape([None, None, 3])
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  new_shape = tf.maximum(1, tf.cast(
-      tf.round(shape * size / tf.reduce_min(shape)), tf.int32))
-  resized = tf.image.resize(image, new_shape, method='bilinear',
-                            antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-
 def prepare(config, out_dir: str) -> None:
   """Write the train and eval splits to out_dir at resize_size."""
   manifest_path = os.path.join(out_dir, 'manifest.json')
@@ -63,7 +45,7 @@ def prepare(config, out_dir: str) -> None:
       path = tf.strings.join([folder, '/', tf.gather(names, label), '/',
                               tf.strings.as_string(number, width=8, fill='0'),
                               '.jpeg'])
-      image = shorter_side_to(encoded, config.resize_size)
+      image = augment.shorter_side_to(encoded, config.resize_size)
       tf.io.write_file(path, tf.io.encode_jpeg(image, quality=JPEG_QUALITY))
       return index
 
