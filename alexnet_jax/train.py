@@ -178,26 +178,42 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
                  out_shardings=(state_shardings(config, mesh), None))
 
 
-def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
-  """A compiled `(params, batch) -> sums` over `mesh`.
+def all_finite(tree) -> bool:
+  """Whether every value in `tree` (parameters, say) is finite."""
+  return bool(jax.jit(lambda t: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(tree))
 
-  batch['image'] is (B, H, W, 3) or, for multi-crop evaluation,
-  (B, crops, H, W, 3): the softmax is averaged over the crops as in the
-  paper. batch['mask'] is 0 for padding examples, which are not counted.
+
+def mean_probabilities(model: models.AlexNet, members, images: jax.Array,
+                       mean) -> jax.Array:
+  """The softmax averaged over ensemble members and crops, as in the paper.
+
+  members: a sequence of parameter trees for `model`. images: uint8
+  (B, H, W, 3), or (B, crops, H, W, 3). Returns (B, classes).
+  """
+  crops = images.shape[1] if images.ndim == 5 else 1
+  flat = normalize(images.reshape((-1,) + images.shape[-3:]), mean)
+  probs = [jax.nn.softmax(model.apply({'params': params}, flat))
+           for params in members]
+  return jnp.mean(jnp.stack(probs), axis=0).reshape(
+      images.shape[0], crops, -1).mean(axis=1)
+
+
+def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
+  """A compiled `(members, batch) -> sums` over `mesh`.
+
+  members is a tuple of parameter trees: one network, or an ensemble whose
+  softmax is averaged (`mean_probabilities`). batch['image'] is (B, H, W, 3)
+  or, for multi-crop evaluation, (B, crops, H, W, 3). batch['mask'] is 0 for
+  padding examples, which are not counted.
   """
   model = mesh_model(config, mesh)
   mean = dataset_stats.mean(config)
 
-  def device_sums(params, batch):
-    images = batch['image']
-    crops = images.shape[1] if images.ndim == 5 else 1
-    flat = images.reshape((-1,) + images.shape[-3:])
-    logits = model.apply({'params': params},
-                         normalize(flat, mean))
-    probs = jax.nn.softmax(logits).reshape(images.shape[0], crops, -1)
-    mean_log_probs = jnp.log(jnp.mean(probs, axis=1))
+  def device_sums(members, batch):
+    probs = mean_probabilities(model, members, batch['image'], mean)
     return _total_over_data(classification_sums(
-        mean_log_probs, batch['label'], batch['mask'].astype(jnp.float32)))
+        jnp.log(probs), batch['label'], batch['mask'].astype(jnp.float32)))
 
-  return jax.jit(lambda params, batch: _sharded(
-      mesh, device_sums, params)(params, batch))
+  return jax.jit(lambda members, batch: _sharded(
+      mesh, device_sums, members)(members, batch))

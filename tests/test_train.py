@@ -76,7 +76,7 @@ def test_eval_step_averages_the_softmax_over_crops(tiny_config):
   rng = np.random.default_rng(0)
   crops = rng.integers(0, 256, (3, 10, 64, 64, 3), dtype=np.uint8)
   labels = np.asarray([1, 2, 3], np.int32)
-  sums = eval_step(params, parallel.shard_batch(
+  sums = eval_step((params,), parallel.shard_batch(
       {'image': crops, 'label': labels, 'mask': np.ones(3, np.float32)},
       mesh))
   flat = train.normalize(crops.reshape(30, 64, 64, 3),
@@ -85,3 +85,34 @@ def test_eval_step_averages_the_softmax_over_crops(tiny_config):
       3, 10, -1).mean(axis=1)
   want = -np.log(probs[np.arange(3), labels]).sum()
   np.testing.assert_allclose(float(sums['loss']), want, rtol=1e-5)
+
+
+def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
+  """Two different networks on mesh (2, 2): the mean of their probabilities."""
+  tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
+  mesh = parallel.make_mesh(tiny_config)
+  first = train.create_sharded_train_state(tiny_config, mesh).params
+  second = dict(first, fc8={'kernel': first['fc8']['kernel'] * 40.0,
+                            'bias': first['fc8']['bias']})
+  rng = np.random.default_rng(1)
+  crops = rng.integers(0, 256, (4, 10, 64, 64, 3), dtype=np.uint8)
+  labels = np.asarray([1, 2, 3, 4], np.int32)
+  batch = parallel.shard_batch(
+      {'image': crops, 'label': labels, 'mask': np.ones(4, np.float32)}, mesh)
+  eval_step = train.make_eval_step(tiny_config, mesh)
+
+  model = models.build(tiny_config)  # both towers on one device
+  flat = train.normalize(crops.reshape(40, 64, 64, 3),
+                         tiny_config.dataset.mean_rgb)
+  def probs(params):
+    return jax.nn.softmax(model.apply({'params': params}, flat)).reshape(
+        4, 10, -1).mean(axis=1)
+  def loss(p):
+    return -np.log(np.asarray(p)[np.arange(4), labels]).sum()
+  ensemble = (probs(first) + probs(second)) / 2
+  for member in (first, second):
+    assert abs(loss(ensemble) - loss(probs(member))) > 1e-3 * loss(ensemble)
+  sums = eval_step((first, second), batch)
+  np.testing.assert_allclose(float(sums['loss']), loss(ensemble), rtol=1e-5)
+  assert float(sums['top1_error']) == np.sum(
+      np.argmax(ensemble, axis=-1) != labels)
