@@ -4,7 +4,9 @@ Config files in configs/ start from `default()` and change a few fields, so
 every run has every key and a mistyped override fails at once.
 """
 
+import json
 import os
+from typing import Any, Optional
 
 import ml_collections
 
@@ -82,6 +84,51 @@ def default() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5000
   c.keep_checkpoints = 3
   return c
+
+
+# Keys a resumed run may change: they do not change what training computes.
+MAY_CHANGE_ON_RESUME = (
+    'mesh', 'eval.batch_size', 'num_epochs', 'num_train_steps',
+    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_examples')
+# Keys that define a trained network and the input it expects: evaluation
+# must use the values it was trained with.
+NETWORK_KEYS = (
+    'model.variant', 'model.width', 'model.num_classes', 'image_size',
+    'resize_size', 'dataset.mean', 'dataset.mean_rgb', 'dataset.stats_file')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _under(key: str, prefixes) -> bool:
+  return any(key == p or key.startswith(p + '.') for p in prefixes)
+
+
+def changes(stored: dict[str, Any], config, only: Optional[tuple] = None,
+            ignore: tuple = ()) -> list[str]:
+  """'key: stored -> now' for each key where `config` differs from `stored`.
+
+  stored is a config as JSON (as checkpoints keep it); only and ignore are
+  dotted keys or prefixes ('mesh' covers mesh.data and mesh.tower).
+  """
+  before = _flatten(stored)
+  now = _flatten(json.loads(config.to_json()))
+  differing = []
+  for key in sorted(set(before) | set(now)):
+    if (only is not None and not _under(key, only)) or _under(key, ignore):
+      continue
+    if before.get(key, '(absent)') != now.get(key, '(absent)'):
+      differing.append(f'{key}: {before.get(key, "(absent)")} -> '
+                       f'{now.get(key, "(absent)")}')
+  return differing
 
 
 def validate(config) -> None:
