@@ -4,39 +4,69 @@ import jax
 import numpy as np
 
 from alexnet_jax import checkpoints
+from alexnet_jax import config as config_lib
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
 from alexnet_jax import parallel
 from alexnet_jax import train
 
 
-def evaluate_params(config, mesh, eval_step, params,
+def evaluate_params(config, mesh, eval_step, members: tuple,
                     src: input_pipeline.Source) -> dict[str, float]:
   """Mean loss, top-1 and top-5 error, each example counted exactly once.
+
+  members: the parameters of one network, or of an ensemble, in a tuple.
 
   'examples' is how many were evaluated over all processes: the split less
   any files screened out as undecodable.
   """
   totals = None
   for batch in input_pipeline.eval_batches(config, src):
-    sums = eval_step(params, parallel.shard_batch(batch, mesh))
+    sums = eval_step(members, parallel.shard_batch(batch, mesh))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   return dict(train.means(totals), examples=int(totals['count']))
 
 
-def run(config, workdir: str) -> dict[str, float]:
-  """--mode=eval: evaluate the latest checkpoint in workdir."""
+def _restore_params(config, mesh, spec: str, allow_config_change: bool):
+  """The parameters of 'WORKDIR' or 'WORKDIR@WHICH' (latest, best, a step)."""
+  workdir, _, which = spec.partition('@')
+  mngr = checkpoints.manager(workdir, read_only=True)
+  step = checkpoints.find_step(mngr, which or 'latest')
+  if not allow_config_change:
+    checkpoints.check_config(mngr, step, config, only=config_lib.NETWORK_KEYS)
+  state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh),
+                              step)
+  return state.params, step
+
+
+def run(config, workdir: str, checkpoint: str = 'latest',
+        ensemble: tuple[str, ...] = (),
+        allow_config_change: bool = False) -> dict[str, float]:
+  """--mode=eval: evaluate a checkpoint of workdir on any mesh.
+
+  checkpoint: 'latest', 'best' or a step. ensemble: more members as
+  'WORKDIR' or 'WORKDIR@WHICH'; their softmax is averaged with workdir's, as
+  in the paper's 5-network result. The metrics go to workdir's metrics.jsonl
+  at the checkpoint's step.
+  """
   mesh = parallel.make_mesh(config)
   parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
-  mngr = checkpoints.manager(workdir, read_only=True)
-  state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh))
+  specs = (f'{workdir}@{checkpoint}', *ensemble)
+  params, steps = zip(*[_restore_params(config, mesh, spec, allow_config_change)
+                        for spec in specs])
   src = input_pipeline.source(config, config.dataset.eval_split)
   metrics = evaluate_params(config, mesh, train.make_eval_step(config, mesh),
-                            state.params, src)
+                            params, src)
+  step = steps[0]
   split = f'eval_{config.eval.crops}crop'
-  metric_writer.MetricWriter(workdir).write(int(state.step), split, metrics)
-  print(f'step {int(state.step)} {split}: ' + ', '.join(
+  if ensemble:
+    split = f'ensemble{len(specs)}_{config.eval.crops}crop'
+    print('ensemble of ' + ', '.join(
+        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, steps)),
+          flush=True)
+  metric_writer.MetricWriter(workdir).write(step, split, metrics)
+  print(f'step {step} {split}: ' + ', '.join(
       f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
       for k, v in sorted(metrics.items())), flush=True)
   return metrics

@@ -2,7 +2,7 @@
 
   python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR
   python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
-      --mode=eval
+      --mode=eval [--checkpoint=best] [--ensemble=DIR2,DIR3@best]
   python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=COPY \
       --mode=prepare     # a 256-px copy to train from (folder:COPY)
   python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR \
@@ -12,6 +12,7 @@ Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -30,6 +31,18 @@ _MODE = flags.DEFINE_enum(
     'mode', 'train', ['train', 'eval', 'prepare', 'stats'],
     'train (or resume); eval the latest checkpoint; prepare a 256-px copy of '
     'the dataset in workdir; stats: the dataset\'s mean and PCA to workdir.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'latest',
+    '--mode=eval: which checkpoint of workdir: latest, best (lowest eval '
+    'top-1 error) or a step number.')
+_ENSEMBLE = flags.DEFINE_list(
+    'ensemble', [],
+    '--mode=eval: more networks to average with workdir\'s, as WORKDIR or '
+    'WORKDIR@CHECKPOINT, comma-separated.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume or evaluate a workdir with a config that differs from the one '
+    'its checkpoint was made with.')
 flags.mark_flags_as_required(['config', 'workdir'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -39,9 +52,19 @@ def _run(mode: str, config, workdir: str) -> None:
   from alexnet_jax import dataset_tools
   from alexnet_jax import evaluate
   from alexnet_jax import trainer
-  jobs = {'train': trainer.train_and_evaluate, 'eval': evaluate.run,
-          'prepare': dataset_tools.prepare, 'stats': dataset_tools.stats}
-  jobs[mode](config, workdir)
+  if mode != 'eval' and (_ENSEMBLE.value or _CHECKPOINT.present):
+    raise errors.UserError('--checkpoint and --ensemble are for --mode=eval')
+  jobs = {
+      'train': lambda: trainer.train_and_evaluate(
+          config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value),
+      'eval': lambda: evaluate.run(
+          config, workdir, checkpoint=_CHECKPOINT.value,
+          ensemble=tuple(_ENSEMBLE.value),
+          allow_config_change=_ALLOW_CONFIG_CHANGE.value),
+      'prepare': lambda: dataset_tools.prepare(config, workdir),
+      'stats': lambda: dataset_tools.stats(config, workdir),
+  }
+  jobs[mode]()
 
 
 def _parse_flags(argv):
@@ -73,10 +96,14 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
     logging.set_verbosity(logging.WARNING)
+  from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)
+  except preemption.Stopped as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_STATUS)
 
 
 if __name__ == '__main__':

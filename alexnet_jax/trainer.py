@@ -2,22 +2,33 @@
 
 import time
 
-from absl import logging
 import jax
 import numpy as np
 
 from alexnet_jax import checkpoints
+from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 from alexnet_jax import evaluate
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
 from alexnet_jax import optimizer
 from alexnet_jax import parallel
+from alexnet_jax import preemption
 from alexnet_jax import train
 
 
 class NonFiniteLossError(errors.UserError):
   """Training diverged; the last good checkpoint is kept."""
+
+
+def _diverged(mngr, what: str, step: int) -> NonFiniteLossError:
+  mngr.wait_until_finished()
+  kept = mngr.latest_step()
+  kept = ('no checkpoint was saved yet' if kept is None else
+          f'the last good checkpoint, step {kept}, is kept in {mngr.directory}')
+  return NonFiniteLossError(
+      f'{what} by step {step}; {kept}. Lower --config.learning_rate (to resume '
+      f'with it, add --allow_config_change)')
 
 
 def _every(config_value: int, default: int) -> int:
@@ -32,8 +43,43 @@ def _log_progress(step, total, metrics, images_per_sec, started):
         f'{images_per_sec:.0f} images/sec, ETA {eta}', flush=True)
 
 
-def train_and_evaluate(config, workdir: str) -> train.TrainState:
-  """Train from scratch, or resume from the latest checkpoint in workdir."""
+def _resume_or_start(config, mesh, mngr, allow_config_change: bool):
+  """The latest checkpoint's state, or the initial one if there is none."""
+  step = mngr.latest_step()
+  if step is None:
+    return train.create_sharded_train_state(config, mesh)
+  if not allow_config_change:
+    checkpoints.check_config(mngr, step, config,
+                             ignore=config_lib.MAY_CHANGE_ON_RESUME)
+  return checkpoints.restore(mngr, train.abstract_train_state(config, mesh),
+                             step)
+
+
+def _evaluate(config, mesh, eval_step, eval_src, state, writer):
+  """Evaluate and log the state; the plateau rule sees its top-1 error."""
+  step = int(state.step)
+  metrics = evaluate.evaluate_params(config, mesh, eval_step, (state.params,),
+                                     eval_src)
+  writer.write(step, 'eval', metrics)
+  print(f'step {step} eval: top1_error {metrics["top1_error"]:.4f}, '
+        f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}',
+        flush=True)
+  if config.lr_schedule == 'plateau':
+    state = state.replace(plateau=optimizer.update_plateau(
+        state.plateau, metrics['top1_error'],
+        patience=config.plateau.patience,
+        max_reductions=config.plateau.max_reductions,
+        min_delta=config.plateau.min_delta))
+  return state, metrics
+
+
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> train.TrainState:
+  """Train from scratch, or resume from the latest checkpoint in workdir.
+
+  A resumed run must have the config it started with, but for the keys in
+  config.MAY_CHANGE_ON_RESUME, unless allow_config_change.
+  """
   train_src = input_pipeline.source(config, config.dataset.train_split)
   eval_src = input_pipeline.source(config, config.dataset.eval_split)
   if len(train_src.class_names) > config.model.num_classes:
@@ -52,11 +98,7 @@ def train_and_evaluate(config, workdir: str) -> train.TrainState:
   parallel.check_batch(config.batch_size, mesh, 'batch_size')
   parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh))
-    logging.info('resumed from step %d', int(state.step))
-  else:
-    state = train.create_sharded_train_state(config, mesh)
+  state = _resume_or_start(config, mesh, mngr, allow_config_change)
   train_step = train.make_train_step(config, mesh, steps_per_epoch)
   eval_step = train.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
@@ -70,47 +112,44 @@ def train_and_evaluate(config, workdir: str) -> train.TrainState:
         f'({steps_per_epoch} per epoch) from step {step} on mesh '
         f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}',
         flush=True)
-  while step < total_steps:
-    state, metrics = train_step(state,
-                                parallel.shard_batch(next(batches), mesh))
-    step += 1
-    pending.append(metrics)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      means = {k: float(np.mean(v))
-               for k, v in jax.device_get(
-                   jax.tree.map(lambda *xs: np.stack(xs), *pending)).items()}
-      pending = []
-      if not np.isfinite(means['loss']):
+  with preemption.StopRequests(mngr) as stop_requests:
+    while step < total_steps:
+      state, metrics = train_step(state,
+                                  parallel.shard_batch(next(batches), mesh))
+      step += 1
+      pending.append(metrics)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        means = {k: float(np.mean(v))
+                 for k, v in jax.device_get(
+                     jax.tree.map(lambda *xs: np.stack(xs), *pending)).items()}
+        pending = []
+        if not np.isfinite(means['loss']):
+          raise _diverged(mngr, f'the loss became {means["loss"]}', step)
+        now = time.time()
+        images_per_sec = ((step - last_log_step) * config.batch_size
+                          / (now - last_log_time))
+        last_log_time, last_log_step = now, step
+        writer.write(step, 'train', dict(means, images_per_sec=images_per_sec))
+        _log_progress(step, total_steps, means, images_per_sec, started)
+      eval_metrics = None
+      if step % eval_every == 0 or step == total_steps:
+        # Finish the queued train steps first, so their time stays in the
+        # train images/sec and out of the evaluation's.
+        jax.block_until_ready(state)
+        eval_started = time.time()
+        state, eval_metrics = _evaluate(config, mesh, eval_step, eval_src,
+                                        state, writer)
+        last_log_time += time.time() - eval_started
+      stopping = stop_requests.requested(step)
+      if (eval_metrics is not None or stopping or step == total_steps
+          or step % checkpoint_every == 0):
+        if not train.all_finite(state.params):
+          raise _diverged(mngr, 'the parameters became non-finite', step)
+        checkpoints.save(mngr, state, config, eval_metrics)
+      if stopping and step < total_steps:
         mngr.wait_until_finished()
-        raise NonFiniteLossError(
-            f'loss became {means["loss"]} by step {step}; the last good '
-            f'checkpoint in {checkpoints.directory(workdir)} is kept: lower '
-            f'--config.learning_rate and run again')
-      now = time.time()
-      images_per_sec = ((step - last_log_step) * config.batch_size
-                        / (now - last_log_time))
-      last_log_time, last_log_step = now, step
-      writer.write(step, 'train', dict(means, images_per_sec=images_per_sec))
-      _log_progress(step, total_steps, means, images_per_sec, started)
-    if step % eval_every == 0 or step == total_steps:
-      # Finish the queued train steps first, so their time stays in the
-      # train images/sec and out of the evaluation's.
-      jax.block_until_ready(state)
-      eval_started = time.time()
-      eval_metrics = evaluate.evaluate_params(config, mesh, eval_step,
-                                              state.params, eval_src)
-      writer.write(step, 'eval', eval_metrics)
-      print(f'step {step} eval: top1_error {eval_metrics["top1_error"]:.4f}, '
-            f'top5_error {eval_metrics["top5_error"]:.4f}, loss '
-            f'{eval_metrics["loss"]:.4f}', flush=True)
-      if config.lr_schedule == 'plateau':
-        state = state.replace(plateau=optimizer.update_plateau(
-            state.plateau, eval_metrics['top1_error'],
-            patience=config.plateau.patience,
-            max_reductions=config.plateau.max_reductions,
-            min_delta=config.plateau.min_delta))
-      last_log_time += time.time() - eval_started
-    if step % checkpoint_every == 0 or step == total_steps:
-      checkpoints.save(mngr, state, config)
+        raise preemption.Stopped(
+            f'stopped at step {step} on request; its checkpoint is saved in '
+            f'{mngr.directory}: run the same command to resume')
   mngr.wait_until_finished()
   return state
