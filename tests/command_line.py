@@ -1,0 +1,62 @@
+"""Running `python -m alexnet_jax.main` in tests, on a tiny model and dataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def environment(devices: int = 1) -> dict[str, str]:
+  return dict(os.environ,
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run_main(*args, check=True, devices=1) -> subprocess.CompletedProcess:
+  result = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.main', *args], cwd=REPO,
+      env=environment(devices), capture_output=True, text=True, timeout=600)
+  if check and result.returncode:
+    raise AssertionError(result.stderr[-3000:])
+  return result
+
+
+def start_main(*args, devices=1) -> subprocess.Popen:
+  """The command in the background, its stdout readable line by line."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'alexnet_jax.main', *args], cwd=REPO,
+      env=environment(devices), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def tiny_flags(data_dir, eval_batch=7):
+  """The quickstart at width 0.125 on 80 training images: 4 steps of 16."""
+  return ['--config=configs/quickstart.py',
+          f'--config.dataset.data_dir={data_dir}',
+          '--config.dataset.builtin_train_per_class=8',
+          '--config.dataset.builtin_eval_per_class=3',
+          '--config.model.width=0.125', '--config.batch_size=16',
+          '--config.num_train_steps=4', '--config.log_every_steps=2',
+          '--config.checkpoint_every_steps=2',
+          f'--config.eval.batch_size={eval_batch}']
+
+
+def metric_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def checkpointed_params(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)['params']
+
+
+def assert_bitwise_equal(params, other):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert jax.tree.structure(params) == jax.tree.structure(other)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(other)):
+    np.testing.assert_array_equal(a, b)

@@ -1,0 +1,280 @@
+"""Checkpoints: resume after any stop, evaluate any checkpoint on any mesh,
+ensembles, and bad input that is refused without changing the workdir."""
+
+import json
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from alexnet_jax import checkpoints
+from alexnet_jax import config as config_lib
+from alexnet_jax import parallel
+from alexnet_jax import train
+from command_line import assert_bitwise_equal
+from command_line import checkpointed_params
+from command_line import metric_records
+from command_line import run_main
+from command_line import start_main
+from command_line import tiny_flags
+
+STEPS = 4  # tiny_flags' num_train_steps
+
+
+@pytest.fixture(scope='module')
+def flags(data_dir):
+  return tiny_flags(data_dir, eval_batch=8)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(flags, tmp_path_factory):
+  """The workdir of a run of 4 steps, never stopped (checkpoints 2 and 4)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  run_main(*flags, f'--workdir={workdir}')
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def mesh_trained(flags, tmp_path_factory):
+  """A run trained on mesh data=2, tower=2, evaluated at steps 2 and 4."""
+  workdir = tmp_path_factory.mktemp('mesh_trained')
+  run_main(*flags, f'--workdir={workdir}', '--config.mesh.data=2',
+           '--config.mesh.tower=2', '--config.eval_every_steps=2', devices=4)
+  return workdir
+
+
+def _snapshot(path) -> dict[str, tuple[int, int]]:
+  """Every file and folder under path, with its size and modification time."""
+  found = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      stat = os.stat(os.path.join(root, name))
+      found[os.path.relpath(os.path.join(root, name), path)] = (
+          stat.st_size, stat.st_mtime_ns)
+  return found
+
+
+def _last_line(result) -> str:
+  return result.stderr.strip().splitlines()[-1]
+
+
+def _read_until(process, prefix: str) -> None:
+  for line in process.stdout:
+    if line.startswith(prefix):
+      return
+  raise AssertionError(f'the run ended before printing {prefix!r}: '
+                       f'{process.stderr.read()[-2000:]}')
+
+
+def test_stopping_and_resuming_gives_bitwise_the_uninterrupted_run(
+    tmp_path, flags, uninterrupted):
+  """Same command again on the workdir: it continues from step 2 with the
+  same examples, crops and dropout as if it had never stopped."""
+  run_main(*flags, f'--workdir={tmp_path}', '--config.num_train_steps=2')
+  resumed = run_main(*flags, f'--workdir={tmp_path}')
+  assert 'from step 2' in resumed.stdout
+  assert_bitwise_equal(checkpointed_params(tmp_path, STEPS),
+                       checkpointed_params(uninterrupted, STEPS))
+
+
+def test_sigkill_during_a_save_then_resume_gives_the_uninterrupted_run(
+    tmp_path, flags, uninterrupted):
+  """Killed while step 3's checkpoint is half written: Orbax never renamed
+  it into place, so the run resumes from step 2."""
+  run = start_main(*flags, f'--workdir={tmp_path}',
+                   '--config.checkpoint_every_steps=1')
+  folder = tmp_path / 'checkpoints'
+  def saving_step_3():
+    return folder.is_dir() and any(
+        name.startswith('3.') for name in os.listdir(folder))
+  deadline = time.time() + 300
+  while not saving_step_3():
+    assert run.poll() is None, 'the run ended before it saved step 3'
+    assert time.time() < deadline, 'no save of step 3 within 300 s'
+    time.sleep(0.0005)
+  run.send_signal(signal.SIGKILL)
+  run.communicate()
+  assert run.returncode == -signal.SIGKILL
+  assert saving_step_3(), 'the save finished before the kill landed'
+  assert '3' not in os.listdir(folder)
+
+  resumed = run_main(*flags, f'--workdir={tmp_path}',
+                     '--config.checkpoint_every_steps=1')
+  assert 'from step 2' in resumed.stdout
+  assert not saving_step_3()  # the half-written one was cleared away
+  assert_bitwise_equal(checkpointed_params(tmp_path, STEPS),
+                       checkpointed_params(uninterrupted, STEPS))
+
+
+def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_run(
+    tmp_path, flags, uninterrupted):
+  seed = random.randrange(1 << 30)
+  rng = random.Random(seed)
+  after_step, delay = rng.randint(1, STEPS - 1), rng.uniform(0, 0.3)
+  moment = f'seed {seed}: {delay:.3f} s after step {after_step}'
+  run = start_main(*flags, f'--workdir={tmp_path}',
+                   '--config.checkpoint_every_steps=1',
+                   '--config.log_every_steps=1')
+  _read_until(run, f'step {after_step}/{STEPS}')
+  time.sleep(delay)
+  run.send_signal(signal.SIGKILL)
+  run.communicate()
+  assert run.returncode == -signal.SIGKILL, f'the run finished first ({moment})'
+
+  run_main(*flags, f'--workdir={tmp_path}')
+  assert_bitwise_equal(checkpointed_params(tmp_path, STEPS),
+                       checkpointed_params(uninterrupted, STEPS))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(
+    tmp_path, flags, uninterrupted):
+  run = start_main(*flags, f'--workdir={tmp_path}',
+                   '--config.checkpoint_every_steps=100',
+                   '--config.log_every_steps=1')
+  _read_until(run, f'step 1/{STEPS}')
+  run.send_signal(signal.SIGTERM)
+  _, stderr = run.communicate(timeout=300)
+  assert run.returncode == 128 + signal.SIGTERM
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith('stopped at step ') and 'run the same command' in last
+  stopped_at = int(last.split()[3].rstrip(';'))
+  assert stopped_at < STEPS
+  assert os.listdir(tmp_path / 'checkpoints') == [str(stopped_at)]
+
+  resumed = run_main(*flags, f'--workdir={tmp_path}')
+  assert f'from step {stopped_at}' in resumed.stdout
+  assert_bitwise_equal(checkpointed_params(tmp_path, STEPS),
+                       checkpointed_params(uninterrupted, STEPS))
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path, flags):
+  run_main(*flags, f'--workdir={tmp_path}', '--config.num_train_steps=2')
+  before = _snapshot(tmp_path / 'checkpoints')
+  result = run_main(*flags, f'--workdir={tmp_path}',
+                    '--config.learning_rate=1e30', '--allow_config_change',
+                    check=False)
+  assert result.returncode == 1
+  last = _last_line(result)
+  assert last.startswith('error: the ') and 'by step 4' in last
+  assert 'non-finite' in last or 'loss became' in last
+  assert 'the last good checkpoint, step 2, is kept' in last
+  assert _snapshot(tmp_path / 'checkpoints') == before
+
+
+@pytest.mark.parametrize('crops', [1, 10])
+def test_eval_gives_the_same_metrics_on_one_device_and_on_a_2x2_mesh(
+    mesh_trained, flags, crops):
+  """Trained on data=2 x tower=2; evaluated there and on one device."""
+  records = []
+  for mesh, devices in (((1, 1), 1), ((2, 2), 4)):
+    run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
+             f'--config.eval.crops={crops}', f'--config.mesh.data={mesh[0]}',
+             f'--config.mesh.tower={mesh[1]}', devices=devices)
+    records.append(metric_records(mesh_trained)[-1])
+  one_device, two_by_two = records
+  assert one_device['split'] == f'eval_{crops}crop'
+  assert one_device['step'] == STEPS and one_device['examples'] == 30
+  for key in ('loss', 'top1_error', 'top5_error', 'examples'):
+    assert one_device[key] == pytest.approx(two_by_two[key], rel=1e-5)
+
+
+def test_an_ensemble_of_two_checkpoints_from_the_command_line(
+    mesh_trained, flags):
+  members = []
+  for step in (2, 4):
+    run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
+             f'--checkpoint={step}')
+    members.append(metric_records(mesh_trained)[-1])
+  result = run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
+                    '--checkpoint=2', f'--ensemble={mesh_trained}@4')
+  assert f'ensemble of {mesh_trained}@2, {mesh_trained}@4' in result.stdout
+  ensemble = metric_records(mesh_trained)[-1]
+  assert ensemble['split'] == 'ensemble2_1crop' and ensemble['step'] == 2
+  assert ensemble['examples'] == 30
+  # The cross-entropy of the mean softmax is at most the members' mean
+  # (it is convex), and equal only if the members agree everywhere.
+  member_losses = [m['loss'] for m in members]
+  assert ensemble['loss'] < np.mean(member_losses)
+  assert all(ensemble['loss'] != loss for loss in member_losses)
+
+
+def test_best_is_the_lowest_eval_error_and_is_kept_beside_the_latest(
+    tmp_path, tiny_config):
+  mesh = parallel.make_mesh(tiny_config)
+  state = train.create_sharded_train_state(tiny_config, mesh)
+  mngr = checkpoints.manager(str(tmp_path), keep=1)
+  for step, error in ((1, 0.5), (2, 0.2), (3, None), (4, 0.7)):
+    metrics = None if error is None else {'top1_error': error}
+    checkpoints.save(mngr, state.replace(step=step), tiny_config, metrics)
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [2, 4]
+  reopened = checkpoints.manager(str(tmp_path), read_only=True)
+  assert checkpoints.find_step(reopened, 'best') == 2
+  assert checkpoints.find_step(reopened, 'latest') == 4
+
+
+def test_config_changes_names_each_key_and_skips_the_ignored_ones():
+  stored = json.loads(config_lib.default().to_json())
+  now = config_lib.default()
+  now.batch_size, now.mesh.data, now.model.width = 256, 4, 0.5
+  assert config_lib.changes(stored, now) == [
+      'batch_size: 128 -> 256', 'mesh.data: -1 -> 4', 'model.width: 1.0 -> 0.5']
+  assert config_lib.changes(stored, now,
+                            ignore=config_lib.MAY_CHANGE_ON_RESUME) == [
+                                'batch_size: 128 -> 256',
+                                'model.width: 1.0 -> 0.5']
+  assert config_lib.changes(stored, now, only=config_lib.NETWORK_KEYS) == [
+      'model.width: 1.0 -> 0.5']
+
+
+BAD_INPUT = {
+    'resume with another batch size': (
+        ['--config.batch_size=32'], 'batch_size: 16 -> 32'),
+    'eval with another variant': (
+        ['--mode=eval', '--config.model.variant=one_tower_2014'],
+        'model.variant: paper_2012 -> one_tower_2014'),
+    'eval with another class count': (
+        ['--mode=eval', '--config.model.num_classes=20'],
+        'model.num_classes: 10 -> 20'),
+    'eval of a checkpoint that does not fit, change allowed': (
+        ['--mode=eval', '--config.model.num_classes=20',
+         '--allow_config_change'],
+        'params/fc8/bias is (10,) there and (20,) here'),
+    'eval of a step that is not there': (
+        ['--mode=eval', '--checkpoint=3'], 'no checkpoint 3'),
+    'eval of a misspelt checkpoint': (
+        ['--mode=eval', '--checkpoint=bset'],
+        '--checkpoint=bset: use latest, best or a step number'),
+}
+
+
+@pytest.mark.parametrize('case', BAD_INPUT)
+def test_bad_input_fails_in_one_line_and_changes_nothing(
+    case, uninterrupted, flags):
+  args, message = BAD_INPUT[case]
+  before = _snapshot(uninterrupted)
+  result = run_main(*flags, f'--workdir={uninterrupted}', *args, check=False)
+  assert result.returncode == 1
+  assert _last_line(result).startswith('error: ')
+  assert message in _last_line(result)
+  assert 'Traceback' not in result.stderr
+  assert _snapshot(uninterrupted) == before
+
+
+@pytest.mark.parametrize('exists', [False, True])
+def test_eval_of_a_missing_or_empty_workdir_fails_and_creates_nothing(
+    tmp_path, flags, exists):
+  workdir = tmp_path / 'never_trained'
+  if exists:
+    workdir.mkdir()
+  result = run_main(*flags, '--mode=eval', f'--workdir={workdir}',
+                    check=False)
+  assert result.returncode == 1
+  assert _last_line(result).startswith('error: no checkpoint in ')
+  assert 'Traceback' not in result.stderr
+  assert os.path.exists(workdir) == exists
+  assert not exists or not os.listdir(workdir)
