@@ -1,14 +1,19 @@
-"""Speed of the compiled train step, or of the input pipeline, apart.
+"""Speed of the compiled train step, the input pipeline or checkpoints, apart.
 
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=train_step --config.batch_size=64 --config.mesh.data=1
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=input_pipeline --photos=500x375 [--prepared]
+  python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
+      --what=checkpoint --config.batch_size=64 --config.mesh.data=1
 
 train_step: the batch is random and lives on the devices, so the figure is
 the network's and the mesh's alone. input_pipeline: train batches from the
 config's dataset, or from --photos synthetic photo-like JPEGs of that size
 (and with --prepared, from their --mode=prepare copy), on the host only.
+checkpoint: how long a save of the train state (after one step, so the
+momentum is not all zeros) holds up training, how long until it is on disk,
+its size, and how long a restore takes.
 Compilation and warm-up are excluded; the result is the median over repeats.
 The last line printed is one JSON object. The train step imports no
 TensorFlow: it runs on machines with only JAX.
@@ -28,6 +33,7 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
+from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 from alexnet_jax import parallel
@@ -37,7 +43,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file with get_config().',
     lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'train_step',
-                          ['train_step', 'input_pipeline'], 'What to time.')
+                          ['train_step', 'input_pipeline', 'checkpoint'],
+                          'What to time.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median counts.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps (batches) per timed repeat.')
@@ -105,6 +112,46 @@ def time_train_step(config, warmup: int, repeats: int,
       'cpu_s_per_step': round(statistics.median(cpu_seconds), 3),
       'compile_and_first_step_s': round(compile_s, 2),
       'repeats': [round(r, 2) for r in rates],
+  }
+
+
+def _folder_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def time_checkpoint(config, repeats: int) -> dict[str, object]:
+  """Seconds a save blocks the loop and takes in all, and a restore's."""
+  mesh = parallel.make_mesh(config)
+  state = train.create_sharded_train_state(config, mesh)
+  state, _ = train.make_train_step(config, mesh, steps_per_epoch=1000)(
+      state, random_batch(config, mesh))
+  blocking, total, restore = [], [], []
+  with tempfile.TemporaryDirectory() as workdir:
+    mngr = checkpoints.manager(workdir, keep=2)
+    for step in range(1, repeats + 1):
+      started = time.perf_counter()
+      checkpoints.save(mngr, state.replace(step=step), config)
+      blocking.append(time.perf_counter() - started)
+      mngr.wait_until_finished()
+      total.append(time.perf_counter() - started)
+    size = _folder_bytes(os.path.join(checkpoints.directory(workdir),
+                                      str(repeats)))
+    abstract = train.abstract_train_state(config, mesh)
+    for _ in range(repeats):
+      started = time.perf_counter()
+      jax.block_until_ready(checkpoints.restore(mngr, abstract, repeats))
+      restore.append(time.perf_counter() - started)
+  return {
+      'what': 'checkpoint',
+      'save_blocking_s': round(statistics.median(blocking), 3),
+      'save_total_s': round(statistics.median(total), 3),
+      'restore_s': round(statistics.median(restore), 3),
+      'megabytes': round(size / 1e6, 1),
+      'variant': config.model.variant,
+      'width': config.model.width,
+      'devices': mesh.size,
+      'device_kind': jax.devices()[0].device_kind,
   }
 
 
@@ -198,6 +245,8 @@ def main(argv):
     timings = (_WARMUP.value, _REPEATS.value, _STEPS.value)
     if _WHAT.value == 'train_step':
       result = time_train_step(config, *timings)
+    elif _WHAT.value == 'checkpoint':
+      result = time_checkpoint(config, _REPEATS.value)
     elif _PHOTOS.value:
       result = _input_pipeline_on_photos(config, *timings)
     else:

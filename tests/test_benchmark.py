@@ -1,0 +1,23 @@
+"""The benchmarks run on a tiny model and report what they measured."""
+
+import jax
+
+from alexnet_jax import benchmark
+from alexnet_jax import train
+
+
+def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
+  result = benchmark.time_train_step(tiny_config, warmup=1, repeats=2, steps=1)
+  assert len(result['repeats']) == 2 and result['images_per_sec'] > 0
+  assert result['step_ms'] == round(
+      1000 * tiny_config.batch_size / result['images_per_sec'], 3)
+
+
+def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):
+  result = benchmark.time_checkpoint(tiny_config, repeats=2)
+  assert 0 < result['save_blocking_s'] <= result['save_total_s']
+  assert result['restore_s'] > 0
+  # Parameters and their momentum: more than the parameters alone.
+  params = jax.eval_shape(lambda: train.create_train_state(tiny_config)).params
+  assert result['megabytes'] > sum(
+      x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 1e6
