@@ -137,15 +137,11 @@ def ensure(directory: str, seed: int, per_class: dict[str, int]) -> str:
   leaves a half-made dataset that looks complete. Returns the directory.
   """
   manifest = _manifest(seed, per_class)
-  manifest_path = os.path.join(directory, 'manifest.json')
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      if json.load(f) == manifest:
-        return directory
-    raise errors.UserError(
-        f'{directory} holds a built-in dataset made with other settings; '
-        f'delete it or set --config.dataset.data_dir to another folder')
-  partial = directory.rstrip('/') + '.partial'
+  if _made_with(directory, manifest):
+    return directory
+  # Several processes of one job may get here at once: each writes its own
+  # copy, and the first to finish moves it into place.
+  partial = f'{directory.rstrip("/")}.partial-{os.getpid()}'
   shutil.rmtree(partial, ignore_errors=True)
   for split_index, (split, count) in enumerate(sorted(per_class.items())):
     for label, kind in enumerate(CLASSES):
@@ -158,5 +154,23 @@ def ensure(directory: str, seed: int, per_class: dict[str, int]) -> str:
   with open(os.path.join(partial, 'manifest.json'), 'w') as f:
     json.dump(manifest, f)
   os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-  os.replace(partial, directory)
+  try:
+    os.rename(partial, directory)
+  except OSError:
+    shutil.rmtree(partial)
+    if not _made_with(directory, manifest):
+      raise
   return directory
+
+
+def _made_with(directory: str, manifest: dict) -> bool:
+  """Whether directory holds the dataset of `manifest` (False: none there)."""
+  manifest_path = os.path.join(directory, 'manifest.json')
+  if not os.path.exists(manifest_path):
+    return False
+  with open(manifest_path) as f:
+    if json.load(f) == manifest:
+      return True
+  raise errors.UserError(
+      f'{directory} holds a built-in dataset made with other settings; '
+      f'delete it or set --config.dataset.data_dir to another folder')
