@@ -86,7 +86,7 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   src = input_pipeline.source(config, config.dataset.train_split)
   sample = src.num_local if config.dataset.stats_examples <= 0 else min(
       config.dataset.stats_examples, src.num_local)
-  ds = input_pipeline.positioned_examples(config, src, 0).take(sample)
+  ds = input_pipeline.positioned_examples(config, src, 0, sample).take(sample)
   ds = ds.map(lambda *ex: _image_sums(*ex, config.resize_size),
               num_parallel_calls=tf.data.AUTOTUNE).batch(64)
   size = config.resize_size

@@ -40,13 +40,15 @@ class DatasetError(errors.UserError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """This process's share of one split's encoded examples."""
-  examples: tf.data.Dataset  # (image bytes, int64 label), in a fixed order
+  """One split's encoded examples, as this process reads them."""
+  examples: tf.data.Dataset  # this process's share: (image bytes, int64
+                             # label), every process_count-th example
   num_local: int             # examples in this process's share
   num_examples: int          # in the whole split, over all processes
   class_names: tuple[str, ...]
-  # Random access by index into `examples`, where the source has it (folders);
-  # it lets the train stream start anywhere at no cost.
+  # Random access to every example of the split by index, where the source
+  # has it (folders). The train stream then starts anywhere at no cost and
+  # does not depend on the number of processes.
   lookup: Optional[Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]] = None
 
 
@@ -58,6 +60,21 @@ def cache_root(config) -> str:
 def _share(count: int) -> slice:
   """This process's examples of `count`: every process_count-th one."""
   return slice(jax.process_index(), count, jax.process_count())
+
+
+def _from_every_process(local: list[bool], count: int) -> np.ndarray:
+  """The flags of all `count` items, from each process's `_share` of them."""
+  processes = jax.process_count()
+  if processes == 1:
+    return np.asarray(local, bool)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  padded = np.zeros(-(-count // processes), bool)
+  padded[:len(local)] = local
+  shares = multihost_utils.process_allgather(padded)  # (processes, width)
+  every = np.zeros(count, bool)
+  for process in range(processes):
+    every[process::processes] = shares[process, :len(every[process::processes])]
+  return every
 
 
 def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
@@ -159,9 +176,9 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
         labels.append(label)
   if not paths:
     raise DatasetError(f'no image files under {split_dir}/<class name>/')
-  num_examples = len(paths)
-  paths, labels = paths[_share(len(paths))], labels[_share(len(labels))]
-  good = screen(paths, cache_dir)
+  # Each process screens its share; all then know every file's result.
+  good = _from_every_process(screen(paths[_share(len(paths))], cache_dir),
+                             len(paths))
   paths = [p for p, ok in zip(paths, good) if ok]
   labels = np.asarray([y for y, ok in zip(labels, good) if ok], np.int64)
   if not paths:
@@ -172,9 +189,11 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
     return (tf.io.read_file(tf.gather(path_table, index)),
             tf.gather(label_table, index))
 
-  examples = tf.data.Dataset.range(len(paths)).map(
+  share = _share(len(paths))
+  examples = tf.data.Dataset.range(share.start, share.stop, share.step).map(
       lookup, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return Source(examples, len(paths), num_examples, class_names, lookup)
+  return Source(examples, len(range(len(paths))[share]), len(paths),
+                class_names, lookup)
 
 
 def builtin_dir(config) -> str:
@@ -239,40 +258,64 @@ def process_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
-def positioned_examples(config, src: Source, start: int) -> tf.data.Dataset:
-  """(bytes, label, position) from `start` on, one epoch after another."""
-  n, seed = src.num_local, config.seed
+def _stream_position(local_index: tf.Tensor, local_batch: int) -> tf.Tensor:
+  """Where this process's local_index-th example is in the job's stream.
+
+  Each global batch is split among the processes in order, as
+  `parallel.shard_batch` puts it together again.
+  """
+  step, within = local_index // local_batch, local_index % local_batch
+  return ((step * jax.process_count() + jax.process_index()) * local_batch
+          + within)
+
+
+def positioned_examples(config, src: Source, start: int,
+                        local_batch: int) -> tf.data.Dataset:
+  """(bytes, label, position) of this process's examples, from its start-th.
+
+  position is the example's place in the job's stream. With random access,
+  position p is example p mod n of epoch p div n in that epoch's order, so
+  the stream is the same for any number of processes.
+  """
+  positions = tf.data.Dataset.range(start, _ENDLESS).map(
+      lambda i: _stream_position(i, local_batch))
   if src.lookup is not None:
+    n = src.num_examples
     def example(position):
-      epoch_seed = tf.stack([tf.constant(seed, tf.int64),
-                             tf.constant(jax.process_index(), tf.int64),
-                             position // n])
+      # Seeds are pairs (augmentation) or triples (this op): zeros fill them.
+      epoch_seed = tf.stack([tf.constant(config.seed, tf.int64),
+                             tf.constant(0, tf.int64), position // n])
       index = tf.raw_ops.RandomIndexShuffle(
           index=position % n, seed=epoch_seed,
           max_index=tf.constant(n - 1, tf.int64))
       return (*src.lookup(index), position)
-    return tf.data.Dataset.range(start, _ENDLESS).map(
-        example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # A sequential source: a shuffle buffer drawn anew each epoch. Resuming
-  # re-reads (without decoding) the part of the epoch already seen.
+    return positions.map(example, num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True)
+  # A sequential source: this process's share through a shuffle buffer drawn
+  # anew each epoch. Resuming re-reads (without decoding) the part of the
+  # epoch already seen.
+  n, seed = src.num_local, config.seed
   first_epoch, seen = divmod(start, n)
   buffer = min(config.dataset.shuffle_buffer, n)
   epochs = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(
       lambda epoch: src.examples.shuffle(buffer, seed=seed * 1_000_003 + epoch))
-  positions = tf.data.Dataset.range(start, _ENDLESS)
   return tf.data.Dataset.zip((epochs.skip(seen), positions)).map(
       lambda example, position: (*example, position))
 
 
 def train_dataset(config, src: Source, start_step: int = 0) -> tf.data.Dataset:
-  """Endless augmented batches for this process, from train step start_step."""
+  """Endless augmented batches for this process, from train step start_step.
+
+  An example's crop, flip and lighting are drawn from the seed and its
+  stream position.
+  """
   local_batch = process_batch_size(config.batch_size)
-  process_seed = tf.constant([config.seed, jax.process_index()], tf.int64)
-  ds = positioned_examples(config, src, start_step * local_batch)
+  seed = tf.constant([config.seed, 0], tf.int64)
+  ds = positioned_examples(config, src, start_step * local_batch, local_batch)
   ds = ds.map(
       lambda encoded, label, position: augment.train_example(
           config, encoded, label,
-          tf.random.experimental.stateless_fold_in(process_seed, position)),
+          tf.random.experimental.stateless_fold_in(seed, position)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)

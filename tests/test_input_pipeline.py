@@ -164,10 +164,28 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   eval_src = input_pipeline.source(tiny_config, 'validation')
   masks = [b['mask'] for b in input_pipeline.eval_batches(tiny_config,
                                                           eval_src)]
-  assert sum(m.sum() for m in masks) == 7 and len(masks) == 3
+  assert sum(m.sum() for m in masks) == 7 and len(masks) == 2
   # The screening result is kept: a second look decodes nothing and logs
   # nothing.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     again = input_pipeline.source(tiny_config, 'train')
   assert again.num_local == 7 and 'skipping' not in caplog.text
+
+
+def test_the_train_stream_is_the_same_for_any_number_of_processes(
+    tiny_config, monkeypatch):
+  """Two processes' halves of each batch, put together, are the one-process
+  batch: a run can move to more or fewer hosts and see the same data."""
+  src = input_pipeline.source(tiny_config, 'train')
+  one_process = _batches(tiny_config, src, 1, 3)
+  halves = []
+  monkeypatch.setattr(input_pipeline.jax, 'process_count', lambda: 2)
+  for process in (0, 1):
+    monkeypatch.setattr(input_pipeline.jax, 'process_index', lambda: process)
+    halves.append(_batches(tiny_config, src, 1, 3))
+  for whole, first, second in zip(one_process, *halves):
+    assert first['image'].shape[0] == tiny_config.batch_size // 2
+    for key in whole:
+      np.testing.assert_array_equal(
+          whole[key], np.concatenate([first[key], second[key]]))
