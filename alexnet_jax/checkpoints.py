@@ -20,10 +20,13 @@ from alexnet_jax import errors
 
 BEST_METRIC = 'top1_error'
 
-# Orbax warns each time a checkpoint folder is opened read-only, which is
-# what evaluation asks for.
+# Orbax warns each time a checkpoint folder is opened read-only (evaluation
+# asks for that) and at each save without metrics (those between evaluations).
+_EXPECTED_WARNINGS = ('Given directory is read only',
+                      'did not provide metrics')
 logging.getLogger('absl').addFilter(
-    lambda record: 'Given directory is read only' not in record.getMessage())
+    lambda record: not any(w in record.getMessage()
+                           for w in _EXPECTED_WARNINGS))
 
 
 class CheckpointError(errors.UserError):

@@ -62,11 +62,10 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   split = f'eval_{config.eval.crops}crop'
   if ensemble:
     split = f'ensemble{len(specs)}_{config.eval.crops}crop'
-    print('ensemble of ' + ', '.join(
-        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, steps)),
-          flush=True)
+    metric_writer.report('ensemble of ' + ', '.join(
+        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, steps)))
   metric_writer.MetricWriter(workdir).write(step, split, metrics)
-  print(f'step {step} {split}: ' + ', '.join(
+  metric_writer.report(f'step {step} {split}: ' + ', '.join(
       f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-      for k, v in sorted(metrics.items())), flush=True)
+      for k, v in sorted(metrics.items())))
   return metrics

@@ -43,6 +43,18 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     'allow_config_change', False,
     'Resume or evaluate a workdir with a config that differs from the one '
     'its checkpoint was made with.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'],
+    'Join other processes with jax.distributed: auto (when given '
+    '--coordinator_address or started by SLURM / Open MPI), on (always, for '
+    'Cloud TPU pods and clusters JAX detects) or off.')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, for a multi-process '
+    'run that no scheduler set up (see launch/).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process\'s index, 0 to num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -96,8 +108,11 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
     logging.set_verbosity(logging.WARNING)
+  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
+                           _NUM_PROCESSES.value, _PROCESS_ID.value)
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)

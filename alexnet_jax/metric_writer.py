@@ -1,9 +1,16 @@
-"""Scalars to metrics.jsonl (one JSON object per point) and to TensorBoard."""
+"""What a run reports, once per job (process 0): progress lines on stdout,
+scalars to metrics.jsonl (one JSON object per point) and to TensorBoard."""
 
 import json
 import os
 
 import jax
+
+
+def report(line: str) -> None:
+  """Print a progress line, from process 0 only."""
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 class MetricWriter:

@@ -38,9 +38,10 @@ def _every(config_value: int, default: int) -> int:
 def _log_progress(step, total, metrics, images_per_sec, started):
   elapsed = time.time() - started
   eta = '?' if step == 0 else f'{elapsed / step * (total - step) / 60:.1f} min'
-  print(f'step {step}/{total}: loss {metrics["loss"]:.4f}, top1_error '
-        f'{metrics["top1_error"]:.3f}, lr {metrics["learning_rate"]:.2g}, '
-        f'{images_per_sec:.0f} images/sec, ETA {eta}', flush=True)
+  metric_writer.report(
+      f'step {step}/{total}: loss {metrics["loss"]:.4f}, top1_error '
+      f'{metrics["top1_error"]:.3f}, lr {metrics["learning_rate"]:.2g}, '
+      f'{images_per_sec:.0f} images/sec, ETA {eta}')
 
 
 def _resume_or_start(config, mesh, mngr, allow_config_change: bool):
@@ -61,9 +62,9 @@ def _evaluate(config, mesh, eval_step, eval_src, state, writer):
   metrics = evaluate.evaluate_params(config, mesh, eval_step, (state.params,),
                                      eval_src)
   writer.write(step, 'eval', metrics)
-  print(f'step {step} eval: top1_error {metrics["top1_error"]:.4f}, '
-        f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}',
-        flush=True)
+  metric_writer.report(
+      f'step {step} eval: top1_error {metrics["top1_error"]:.4f}, '
+      f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}')
   if config.lr_schedule == 'plateau':
     state = state.replace(plateau=optimizer.update_plateau(
         state.plateau, metrics['top1_error'],
@@ -108,10 +109,10 @@ def train_and_evaluate(config, workdir: str,
       config, train_src, start_step=step).as_numpy_iterator()
   pending, last_log_time, last_log_step = [], time.time(), step
   started = time.time()
-  print(f'training {config.model.variant} for {total_steps} steps '
-        f'({steps_per_epoch} per epoch) from step {step} on mesh '
-        f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}',
-        flush=True)
+  metric_writer.report(
+      f'training {config.model.variant} for {total_steps} steps '
+      f'({steps_per_epoch} per epoch) from step {step} on mesh '
+      f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}')
   with preemption.StopRequests(mngr) as stop_requests:
     while step < total_steps:
       state, metrics = train_step(state,

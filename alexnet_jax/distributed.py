@@ -1,0 +1,42 @@
+"""Joining a multi-process run (jax.distributed) before any JAX computation.
+
+A single process skips it and runs as before. Several processes find each
+other from --coordinator_address, --num_processes and --process_id (the
+local launcher and the Kubernetes manifest in launch/ pass them), or, left
+out, from the environment JAX reads itself (SLURM, Open MPI, Cloud TPU).
+"""
+
+import os
+from typing import Optional
+
+import jax
+
+# How long a process may go silent before the others give up on it: when one
+# dies, the rest stop within about this long instead of waiting forever.
+HEARTBEAT_TIMEOUT_S = 20
+
+_SCHEDULER_PROCESS_COUNTS = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
+
+
+def launched_by_scheduler() -> bool:
+  """Whether SLURM or Open MPI started this as one of several processes."""
+  return any(int(os.environ.get(name, '1')) > 1
+             for name in _SCHEDULER_PROCESS_COUNTS)
+
+
+def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """Start jax.distributed when this is one of several processes.
+
+  mode: 'auto' (when given a coordinator or started by SLURM / Open MPI),
+  'on' (always: Cloud TPU pods and other environments JAX detects) or 'off'.
+  """
+  if mode == 'off' or (mode == 'auto' and coordinator_address is None
+                       and not launched_by_scheduler()):
+    return
+  # CPU devices of different processes talk over gloo (tests, demos).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes,
+      process_id=process_id, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
