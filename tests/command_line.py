@@ -48,10 +48,17 @@ def metric_records(workdir):
 
 
 def checkpointed_params(workdir, step):
+  """The parameters of a checkpoint as numpy arrays, whatever devices or
+  processes wrote it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path)['params']
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, restore_args=as_numpy)['params']
 
 
 def assert_bitwise_equal(params, other):

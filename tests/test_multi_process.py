@@ -1,0 +1,102 @@
+"""Several processes on this machine as one job: jax.distributed over gloo."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from command_line import REPO
+from command_line import checkpointed_params
+from command_line import environment
+from command_line import metric_records
+from command_line import run_main
+from command_line import tiny_flags
+
+MESH_2X2 = ('--config.mesh.data=2', '--config.mesh.tower=2')
+
+
+def _launch(*args, processes=2, devices_per_process=2):
+  return subprocess.run(
+      [sys.executable, 'launch/local.py', f'--processes={processes}',
+       f'--devices_per_process={devices_per_process}', '--', *args],
+      cwd=REPO, env=environment(), capture_output=True, text=True,
+      timeout=600)
+
+
+def test_two_processes_reach_the_parameters_of_one_with_four_devices(
+    tmp_path, data_dir):
+  """Same mesh (2, 2), same seed, same data stream: 2 processes x 2 devices
+  against 1 process x 4 devices. The 2-process checkpoint then evaluates in
+  one process on one device."""
+  flags = tiny_flags(data_dir, eval_batch=8)
+  two = _launch(*flags, f'--workdir={tmp_path}/two', *MESH_2X2)
+  assert two.returncode == 0, two.stderr[-3000:]
+  # Progress is printed by process 0 only.
+  assert '[0] step 4/4' in two.stdout and '[1] step' not in two.stdout
+  run_main(*flags, f'--workdir={tmp_path}/one', *MESH_2X2, devices=4)
+  for a, b in zip(jax.tree.leaves(checkpointed_params(f'{tmp_path}/two', 4)),
+                  jax.tree.leaves(checkpointed_params(f'{tmp_path}/one', 4))):
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-5 * float(np.max(np.abs(b))))
+
+  trained = metric_records(f'{tmp_path}/two')
+  assert sum(r['split'] == 'eval' for r in trained) == 1  # written once
+  run_main(*flags, f'--workdir={tmp_path}/two', '--mode=eval',
+           '--config.mesh.data=1', '--config.mesh.tower=1')
+  evaluated = metric_records(f'{tmp_path}/two')[-1]
+  assert evaluated['split'] == 'eval_1crop' and evaluated['step'] == 4
+  assert evaluated['top1_error'] == pytest.approx(
+      trained[-1]['top1_error'], rel=1e-5)
+  assert evaluated['loss'] == pytest.approx(trained[-1]['loss'], rel=1e-5)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_when_a_process_dies_the_other_stops_and_the_job_resumes(
+    tmp_path, data_dir):
+  flags = [*tiny_flags(data_dir, eval_batch=8), f'--workdir={tmp_path}',
+           *MESH_2X2, '--config.num_train_steps=400',
+           '--config.checkpoint_every_steps=2', '--config.log_every_steps=1']
+  address = f'localhost:{_free_port()}'
+  processes = [subprocess.Popen(
+      [sys.executable, '-m', 'alexnet_jax.main', *flags,
+       f'--coordinator_address={address}', '--num_processes=2',
+       f'--process_id={index}'], cwd=REPO, env=environment(devices=2),
+      stdout=subprocess.PIPE if index == 0 else subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, text=True) for index in (0, 1)]
+  try:
+    for line in processes[0].stdout:
+      if line.startswith('step 3/'):
+        break
+    else:
+      raise AssertionError('process 0 ended before step 3')
+    processes[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    processes[0].stdout.close()
+    processes[0].wait(timeout=120)
+    waited = time.monotonic() - killed_at
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  assert processes[0].returncode != 0
+  print(f'process 0 stopped {waited:.1f} s after process 1 was killed')
+  assert waited < 60, f'process 0 took {waited:.0f} s to stop'
+  saved = sorted(int(step) for step in os.listdir(tmp_path / 'checkpoints')
+                 if step.isdigit())
+  assert saved and saved[-1] >= 2
+
+  resumed = _launch(*flags, '--config.num_train_steps=6')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'from step {saved[-1]}' in resumed.stdout
+  assert '[0] step 6/6' in resumed.stdout
