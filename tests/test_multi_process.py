@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -62,27 +63,51 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_when_a_process_dies_the_other_stops_and_the_job_resumes(
-    tmp_path, data_dir):
-  flags = [*tiny_flags(data_dir, eval_batch=8), f'--workdir={tmp_path}',
-           *MESH_2X2, '--config.num_train_steps=400',
-           '--config.checkpoint_every_steps=2', '--config.log_every_steps=1']
+def _start_two_processes(flags):
+  """Processes 0 and 1 of a job, 2 CPU devices each; process 0's stdout is
+  readable."""
   address = f'localhost:{_free_port()}'
-  processes = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, '-m', 'alexnet_jax.main', *flags,
        f'--coordinator_address={address}', '--num_processes=2',
        f'--process_id={index}'], cwd=REPO, env=environment(devices=2),
       stdout=subprocess.PIPE if index == 0 else subprocess.DEVNULL,
       stderr=subprocess.DEVNULL, text=True) for index in (0, 1)]
+
+
+def _read_until(process, prefix: str) -> None:
+  """Read process 0's output up to a line; the rest is drained unread."""
+  for line in process.stdout:
+    if line.startswith(prefix):
+      threading.Thread(target=process.stdout.read, daemon=True).start()
+      return
+  raise AssertionError(f'process 0 ended before printing {prefix!r}')
+
+
+def _long_run_flags(data_dir, workdir):
+  return [*tiny_flags(data_dir, eval_batch=8), f'--workdir={workdir}',
+          *MESH_2X2, '--config.num_train_steps=400',
+          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1']
+
+
+def _saved_steps(workdir) -> list[int]:
+  folder = workdir / 'checkpoints'
+  return sorted(int(step) for step in os.listdir(folder)
+                if step.isdigit()) if folder.is_dir() else []
+
+
+def test_when_a_process_dies_the_other_stops_and_the_job_resumes(
+    tmp_path, data_dir):
+  flags = _long_run_flags(data_dir, tmp_path)
+  processes = _start_two_processes(flags)
   try:
-    for line in processes[0].stdout:
-      if line.startswith('step 3/'):
-        break
-    else:
-      raise AssertionError('process 0 ended before step 3')
+    _read_until(processes[0], 'step 3/')
+    deadline = time.monotonic() + 60
+    while 2 not in _saved_steps(tmp_path):  # the save finishes in the back
+      assert time.monotonic() < deadline, 'step 2 was not saved within 60 s'
+      time.sleep(0.05)
     processes[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    processes[0].stdout.close()
     processes[0].wait(timeout=120)
     waited = time.monotonic() - killed_at
   finally:
@@ -92,11 +117,32 @@ def test_when_a_process_dies_the_other_stops_and_the_job_resumes(
   assert processes[0].returncode != 0
   print(f'process 0 stopped {waited:.1f} s after process 1 was killed')
   assert waited < 60, f'process 0 took {waited:.0f} s to stop'
-  saved = sorted(int(step) for step in os.listdir(tmp_path / 'checkpoints')
-                 if step.isdigit())
+  saved = _saved_steps(tmp_path)
   assert saved and saved[-1] >= 2
 
   resumed = _launch(*flags, '--config.num_train_steps=6')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'from step {saved[-1]}' in resumed.stdout
   assert '[0] step 6/6' in resumed.stdout
+
+
+def test_sigterm_to_every_process_saves_one_step_and_stops_them_all(
+    tmp_path, data_dir):
+  """As a scheduler preempts a job: JAX's preemption sync point picks one
+  step at which every process saves and stops."""
+  flags = [*_long_run_flags(data_dir, tmp_path),
+           '--config.checkpoint_every_steps=1000']
+  processes = _start_two_processes(flags)
+  try:
+    _read_until(processes[0], 'step 3/')
+    for process in processes:
+      process.send_signal(signal.SIGTERM)
+    for process in processes:
+      process.wait(timeout=120)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2
+  (saved,) = _saved_steps(tmp_path)
+  assert 3 <= saved < 400
