@@ -19,8 +19,21 @@ from alexnet_jax import augment
 from alexnet_jax import dataset_stats
 from alexnet_jax import errors
 from alexnet_jax import input_pipeline
+from alexnet_jax import metric_writer
 
 JPEG_QUALITY = 95
+
+
+def _summed_over_processes(value: np.ndarray) -> np.ndarray:
+  """value added up over the processes of the job; also waits for them all.
+
+  (Carried as float32 between processes: JAX's default.)
+  """
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.sum(multihost_utils.process_allgather(value), axis=0,
+                dtype=np.float64)
 
 
 def prepare(config, out_dir: str) -> None:
@@ -56,21 +69,23 @@ def prepare(config, out_dir: str) -> None:
     for index in sorted(set(range(src.num_local)) - done):
       logging.warning('skipped example %d of %s: cannot be decoded', index,
                       split)
-    counts[split] = len(done)
-    print(f'{split}: {len(done)} of {src.num_local} images written to '
-          f'{folder}', flush=True)
+    # Every process has written its share before the manifest marks the copy
+    # complete.
+    counts[split] = int(_summed_over_processes(np.asarray(len(done))))
+    metric_writer.report(f'{split}: {counts[split]} of {src.num_examples} '
+                         f'images written to {folder}')
   if jax.process_index() == 0:
     with open(manifest_path + '.tmp', 'w') as f:
       json.dump({'classes': list(src.class_names),
                  'resize_size': config.resize_size,
                  'source': config.dataset.name, 'images': counts}, f)
     os.replace(manifest_path + '.tmp', manifest_path)
-  print(f'train from the copy with --config.dataset.name=folder:{out_dir}',
-        flush=True)
+  metric_writer.report(
+      f'train from the copy with --config.dataset.name=folder:{out_dir}')
 
 
-def _image_sums(encoded, label, position, resize_size):
-  del label, position
+def _image_sums(encoded, label, resize_size):
+  del label
   image = tf.cast(augment.decode_window(encoded, resize_size, 0, 0,
                                         resize_size), tf.float64)
   pixels = tf.reshape(image, (-1, 3))
@@ -81,26 +96,36 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   """The train split's mean image, mean colour and RGB PCA, saved in workdir.
 
   Over a random sample of dataset.stats_examples images (0: all), each the
-  paper's resize_size square.
+  paper's resize_size square. Each process sums its part of the sample.
   """
   src = input_pipeline.source(config, config.dataset.train_split)
-  sample = src.num_local if config.dataset.stats_examples <= 0 else min(
-      config.dataset.stats_examples, src.num_local)
-  ds = input_pipeline.positioned_examples(config, src, 0, sample).take(sample)
+  if config.dataset.stats_examples <= 0:
+    ds = src.examples
+  else:
+    # This process's part of the stream's first stats_examples positions.
+    local = -(-min(config.dataset.stats_examples, src.num_examples)
+              // jax.process_count())
+    ds = input_pipeline.positioned_examples(config, src, 0, local).take(
+        local).map(lambda encoded, label, position: (encoded, label))
   ds = ds.map(lambda *ex: _image_sums(*ex, config.resize_size),
               num_parallel_calls=tf.data.AUTOTUNE).batch(64)
   size = config.resize_size
-  image_sum, outer_sum = np.zeros((size, size, 3)), np.zeros((3, 3))
+  image_sum, outer_sum, count = np.zeros((size, size, 3)), np.zeros((3, 3)), 0
   for images, outer in ds.as_numpy_iterator():
     image_sum += images.sum(0)
     outer_sum += outer.sum(0)
-  result = dataset_stats.from_sums(image_sum, outer_sum, sample)
-  os.makedirs(workdir, exist_ok=True)
+    count += len(images)
+  image_sum, outer_sum, count = (_summed_over_processes(np.asarray(x))
+                                 for x in (image_sum, outer_sum, count))
+  result = dataset_stats.from_sums(image_sum, outer_sum, int(count))
   path = os.path.join(workdir, dataset_stats.FILE_NAME)
-  dataset_stats.save(path, result)
-  print(f'statistics of {sample} images saved to {path}\n'
-        f'  mean_rgb {np.round(result.mean_rgb, 2).tolist()}\n'
-        f'  pca_eigvals {np.round(result.pca_eigvals, 2).tolist()}\n'
-        f'  pca_eigvecs {np.round(result.pca_eigvecs, 4).tolist()}\n'
-        f'use them with --config.dataset.stats_file={path}', flush=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    dataset_stats.save(path, result)
+  metric_writer.report(
+      f'statistics of {int(count)} images saved to {path}\n'
+      f'  mean_rgb {np.round(result.mean_rgb, 2).tolist()}\n'
+      f'  pca_eigvals {np.round(result.pca_eigvals, 2).tolist()}\n'
+      f'  pca_eigvecs {np.round(result.pca_eigvecs, 4).tolist()}\n'
+      f'use them with --config.dataset.stats_file={path}')
   return result

@@ -1,5 +1,6 @@
 """Several processes on this machine as one job: jax.distributed over gloo."""
 
+import json
 import os
 import signal
 import socket
@@ -146,3 +147,27 @@ def test_sigterm_to_every_process_saves_one_step_and_stops_them_all(
   assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2
   (saved,) = _saved_steps(tmp_path)
   assert 3 <= saved < 400
+
+
+def test_prepare_and_stats_split_the_work_and_match_one_process(
+    tmp_path, data_dir):
+  flags = [*tiny_flags(data_dir), '--config.dataset.stats_examples=0']
+  run_main(*flags, '--mode=stats', f'--workdir={tmp_path}/one')
+  two = _launch(*flags, '--mode=stats', f'--workdir={tmp_path}/two',
+                devices_per_process=1)
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert '[0] statistics of 80 images' in two.stdout
+  assert '[1] statistics' not in two.stdout
+  one_process = np.load(f'{tmp_path}/one/dataset_stats.npz')
+  two_processes = np.load(f'{tmp_path}/two/dataset_stats.npz')
+  for key in one_process:
+    np.testing.assert_allclose(two_processes[key], one_process[key],
+                               rtol=1e-5, atol=1e-5)
+
+  copy = tmp_path / 'copy'
+  prepared = _launch(*flags, '--mode=prepare', f'--workdir={copy}',
+                     devices_per_process=1)
+  assert prepared.returncode == 0, prepared.stderr[-3000:]
+  with open(copy / 'manifest.json') as f:
+    assert json.load(f)['images'] == {'train': 80, 'validation': 30}
+  assert sum(len(files) for _, _, files in os.walk(copy / 'train')) == 80
