@@ -12,6 +12,7 @@ import os
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
@@ -31,7 +32,6 @@ def _summed_over_processes(value: np.ndarray) -> np.ndarray:
   """
   if jax.process_count() == 1:
     return value
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.sum(multihost_utils.process_allgather(value), axis=0,
                 dtype=np.float64)
 

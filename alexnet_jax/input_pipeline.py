@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
@@ -67,7 +68,6 @@ def _from_every_process(local: list[bool], count: int) -> np.ndarray:
   processes = jax.process_count()
   if processes == 1:
     return np.asarray(local, bool)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   padded = np.zeros(-(-count // processes), bool)
   padded[:len(local)] = local
   shares = multihost_utils.process_allgather(padded)  # (processes, width)
