@@ -178,10 +178,18 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
                  out_shardings=(state_shardings(config, mesh), None))
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
 def all_finite(tree) -> bool:
-  """Whether every value in `tree` (parameters, say) is finite."""
-  return bool(jax.jit(lambda t: jnp.all(jnp.stack(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(tree))
+  """Whether every value in `tree` (parameters, say) is finite.
+
+  Compiled once per tree structure, not at every check before a save.
+  """
+  return bool(_all_finite(tree))
 
 
 def mean_probabilities(model: models.AlexNet, members, images: jax.Array,
