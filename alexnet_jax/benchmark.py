@@ -66,14 +66,15 @@ def random_batch(config, mesh: jax.sharding.Mesh, seed: int = 0):
       'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
       'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
       'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
-  }, mesh)
+  }, mesh, train.mesh_towers(config, mesh))
 
 
 def time_train_step(config, warmup: int, repeats: int,
                     steps: int) -> dict[str, object]:
   """Images/sec of the train step: the median over `repeats` timed runs."""
   mesh = parallel.make_mesh(config)
-  parallel.check_batch(config.batch_size, mesh, 'batch_size')
+  parallel.check_batch(config.batch_size, mesh,
+                       train.mesh_towers(config, mesh), 'batch_size')
   state = train.create_sharded_train_state(config, mesh)
   step = train.make_train_step(config, mesh, steps_per_epoch=1000)
   batch = random_batch(config, mesh)

@@ -20,9 +20,9 @@ def evaluate_params(config, mesh, eval_step, members: tuple,
   'examples' is how many were evaluated over all processes: the split less
   any files screened out as undecodable.
   """
-  totals = None
+  totals, towers = None, train.mesh_towers(config, mesh)
   for batch in input_pipeline.eval_batches(config, src):
-    sums = eval_step(members, parallel.shard_batch(batch, mesh))
+    sums = eval_step(members, parallel.shard_batch(batch, mesh, towers))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   return dict(train.means(totals), examples=int(totals['count']))
@@ -51,7 +51,8 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   at the checkpoint's step.
   """
   mesh = parallel.make_mesh(config)
-  parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
+  parallel.check_batch(config.eval.batch_size, mesh,
+                       train.mesh_towers(config, mesh), 'eval.batch_size')
   specs = (f'{workdir}@{checkpoint}', *ensemble)
   params, steps = zip(*[_restore_params(config, mesh, spec, allow_config_change)
                         for spec in specs])

@@ -192,10 +192,30 @@ def _initializers(variant: Variant, layer: str, fan_in: int):
 LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8')
 # Layers whose parameters carry a leading tower axis; fc8 is one whole layer.
 PER_TOWER_LAYERS = frozenset(LAYERS) - {'fc8'}
+# Layers whose output units the 2014 hybrid splits over devices.
+FC_LAYERS = frozenset({'fc6', 'fc7', 'fc8'})
+
+
+def scaled(features: int, width: float) -> int:
+  """A layer's width in a network `width` times as wide as the paper's."""
+  return max(1, round(features * width))
+
+
+def fc_units(config) -> tuple[int, int, int]:
+  """The output units of fc6, fc7 and fc8 (per tower) of config's network."""
+  fc = scaled(get_variant(config.model.variant).fc_features,
+              config.model.width)
+  return fc, fc, config.model.num_classes
 
 
 class TowerConv(nn.Module):
-  """A convolution split into towers: kernel (towers, kh, kw, in, out)."""
+  """A convolution split into towers: kernel (towers, kh, kw, in, out).
+
+  grouped: where a device holds several towers with their own inputs (conv2,
+  conv4, conv5 with mesh.tower=1), one convolution with
+  feature_group_count=towers instead of one per tower. Same result; which is
+  faster depends on the backend (`model.grouped_convolutions`).
+  """
   variant: Variant
   towers: parallel.Towers
   features: int
@@ -203,6 +223,7 @@ class TowerConv(nn.Module):
   stride: int
   padding: tuple[tuple[int, int], ...]
   dtype: jnp.dtype
+  grouped: bool = False
 
   @nn.compact
   def __call__(self, xs: list[jax.Array]) -> list[jax.Array]:
@@ -211,24 +232,35 @@ class TowerConv(nn.Module):
     kernel = self.param('kernel', w_init,
                         (self.towers.local, k, k, cin, self.features))
     bias = self.param('bias', b_init, (self.towers.local, self.features))
-    conv = lambda x, w: jax.lax.conv_general_dilated(
+    conv = lambda x, w, groups=1: jax.lax.conv_general_dilated(
         x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
-        self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=groups)
     towers = len(xs)
-    if towers > 1 and all(x is xs[0] for x in xs):
+    if towers == 1:
+      return [conv(xs[0], kernel[0]) + bias[0].astype(self.dtype)]
+    side_by_side = jnp.moveaxis(kernel, 0, -2).reshape(
+        k, k, cin, towers * self.features)
+    all_biases = bias.reshape(-1).astype(self.dtype)
+    if all(x is xs[0] for x in xs):
       # conv1 and conv3: every local tower reads the same input, so one
       # convolution with the kernels side by side does them all (faster than
       # one per tower on CPU: 149 ms against 2 x 89 forward at batch 64).
-      side_by_side = jnp.moveaxis(kernel, 0, -2).reshape(
-          k, k, cin, towers * self.features)
-      y = conv(xs[0], side_by_side) + bias.reshape(-1).astype(self.dtype)
-      return jnp.split(y, towers, axis=-1)
-    return [conv(x, kernel[t]) + bias[t].astype(self.dtype)
-            for t, x in enumerate(xs)]
+      y = conv(xs[0], side_by_side) + all_biases
+    elif self.grouped:
+      y = conv(jnp.concatenate(xs, axis=-1), side_by_side, towers) + all_biases
+    else:
+      return [conv(x, kernel[t]) + bias[t].astype(self.dtype)
+              for t, x in enumerate(xs)]
+    return jnp.split(y, towers, axis=-1)
 
 
 class TowerDense(nn.Module):
-  """A fully connected layer split into towers: kernel (towers, in, out)."""
+  """A fully connected layer split into towers: kernel (towers, in, out).
+
+  In the 2014 hybrid a device holds only its share of the output units
+  (`Towers.fc_units`) and returns every device's (`Towers.fc_outputs`).
+  """
   variant: Variant
   towers: parallel.Towers
   features: int
@@ -238,11 +270,13 @@ class TowerDense(nn.Module):
   def __call__(self, xs: list[jax.Array]) -> list[jax.Array]:
     fan_in = xs[0].shape[-1]
     w_init, b_init = _initializers(self.variant, self.name, fan_in)
-    kernel = self.param('kernel', w_init,
-                        (self.towers.local, fan_in, self.features))
-    bias = self.param('bias', b_init, (self.towers.local, self.features))
-    return [x.astype(self.dtype) @ kernel[t].astype(self.dtype)
-            + bias[t].astype(self.dtype) for t, x in enumerate(xs)]
+    units = self.towers.fc_units(self.features)
+    kernel = self.param('kernel', w_init, (self.towers.local, fan_in, units))
+    bias = self.param('bias', b_init, (self.towers.local, units))
+    return [self.towers.fc_outputs(x.astype(self.dtype)
+                                   @ kernel[t].astype(self.dtype)
+                                   + bias[t].astype(self.dtype))
+            for t, x in enumerate(xs)]
 
 
 class AlexNet(nn.Module):
@@ -257,9 +291,8 @@ class AlexNet(nn.Module):
   towers: parallel.Towers = parallel.Towers()
   dropout_rate: float = 0.5
   dtype: jnp.dtype = jnp.float32
+  grouped_convolutions: bool = False   # see TowerConv
 
-  def _scaled(self, features: int) -> int:
-    return max(1, round(features * self.width))
 
   def _dropout(self, x: jax.Array, rng: jax.Array, local_tower: int):
     """Dropout whose mask depends on the example and tower, not the mesh.
@@ -282,9 +315,10 @@ class AlexNet(nn.Module):
     if images.shape[1] < 64 or images.shape[2] < 64:
       raise errors.UserError(f'AlexNet needs images of at least 64x64 pixels, got '
                        f'{images.shape[1]}x{images.shape[2]}')
-    c1, c2, c3, c4, c5 = (self._scaled(f) for f in v.conv_features)
+    c1, c2, c3, c4, c5 = (scaled(f, self.width) for f in v.conv_features)
     conv = lambda name, f, k, s, pad: TowerConv(
-        v, towers, f, k, s, pad, self.dtype, name=name)
+        v, towers, f, k, s, pad, self.dtype, self.grouped_convolutions,
+        name=name)
     relu = lambda xs: [nn.relu(x) for x in xs]
     pool = lambda xs: [max_pool(x) for x in xs]
     lrn = lambda xs: [local_response_norm(x, v.lrn) for x in xs]
@@ -313,10 +347,11 @@ class AlexNet(nn.Module):
     xs = relu(conv('conv4', c4, 3, 1, ((1, 1), (1, 1)))(xs))
     xs = pool(relu(conv('conv5', c5, 3, 1, ((1, 1), (1, 1)))(xs)))
 
-    # Fully connected layers: each sees the outputs of both towers.
-    features = towers.gather(xs)
+    # Fully connected layers: each sees the outputs of both towers (and in
+    # the 2014 hybrid, every example of the device group).
+    features = towers.fc_inputs(towers.gather(xs))
     x = features.reshape(features.shape[0], -1)
-    f = self._scaled(v.fc_features)
+    f = scaled(v.fc_features, self.width)
     dropout = lambda xs, layer: [
         self._dropout(x, jax.random.fold_in(dropout_rng, LAYERS.index(layer)),
                       t) if train else x for t, x in enumerate(xs)]
@@ -330,8 +365,9 @@ class AlexNet(nn.Module):
       x = towers.gather(xs)
 
     w_init, b_init = _initializers(v, 'fc8', x.shape[-1])
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=w_init,
-                      bias_init=b_init, name='fc8')(x)
+    logits = nn.Dense(towers.fc_units(self.num_classes), dtype=self.dtype,
+                      kernel_init=w_init, bias_init=b_init, name='fc8')(x)
+    logits = towers.own_examples(towers.fc_outputs(logits))
     return logits.astype(jnp.float32)
 
 
@@ -346,6 +382,7 @@ def build(config, towers: Optional[parallel.Towers] = None) -> AlexNet:
       towers=towers or parallel.Towers(count=variant.towers),
       dropout_rate=config.model.dropout_rate,
       dtype=jnp.dtype(config.dtype),
+      grouped_convolutions=config.model.grouped_convolutions,
   )
 
 

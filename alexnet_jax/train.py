@@ -14,6 +14,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
@@ -52,10 +53,26 @@ def create_train_state(config) -> TrainState:
   )
 
 
+def mesh_towers(config, mesh: jax.sharding.Mesh) -> parallel.Towers:
+  """How config's network is spread over `mesh` (towers or the 2014 hybrid)."""
+  variant = models.get_variant(config.model.variant)
+  towers = parallel.mesh_towers(variant.towers, mesh,
+                                config.mesh.fc_model_parallel)
+  for units in models.fc_units(config):
+    towers.fc_units(units)  # a clear error now where the units do not split
+  return towers
+
+
+def _param_specs(tree, towers: parallel.Towers):
+  return parallel.param_specs(tree, towers, models.PER_TOWER_LAYERS,
+                              models.FC_LAYERS)
+
+
 def state_shardings(config, mesh: jax.sharding.Mesh):
-  """Per-tower parameters and their momenta split over 'tower', the rest whole."""
+  """Parameters and their momenta split as `parallel.param_spec` says."""
   shapes = jax.eval_shape(lambda: create_train_state(config))
-  return parallel.shardings(shapes, mesh, models.PER_TOWER_LAYERS)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      _param_specs(shapes, mesh_towers(config, mesh)))
 
 
 def abstract_train_state(config, mesh: jax.sharding.Mesh):
@@ -63,7 +80,7 @@ def abstract_train_state(config, mesh: jax.sharding.Mesh):
   shapes = jax.eval_shape(lambda: create_train_state(config))
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      shapes, parallel.shardings(shapes, mesh, models.PER_TOWER_LAYERS))
+      shapes, state_shardings(config, mesh))
 
 
 def create_sharded_train_state(config, mesh: jax.sharding.Mesh) -> TrainState:
@@ -105,32 +122,33 @@ def means(sums: dict[str, Any]) -> dict[str, float]:
   return {k: float(v) / count for k, v in sums.items() if k != 'count'}
 
 
-def _sharded(mesh, per_device_sums: Callable, params,
+def _sharded(mesh, towers: parallel.Towers, per_device_sums: Callable, params,
              *other_specs) -> Callable:
   """`per_device_sums` run over the mesh; sums over the whole batch.
 
   Inside, each device holds its examples and its towers. Its sums are added
-  over 'data'; the towers' copies (equal, since fc8 sees the gathered
-  activations on every tower device) come out one per tower device and are
-  averaged, so gradients flow back through every tower's copy at 1/towers.
+  over the batch's axes (`_total_over_batch`). With towers, the tower devices'
+  copies are equal, since fc8 sees the gathered activations on every one;
+  they come out one per tower device and are averaged, so gradients flow
+  back through every tower's copy at 1/towers. (In the hybrid, the sum is
+  over 'tower' as well, so the copies are equal there too.)
   """
   sharded = jax.shard_map(
       per_device_sums, mesh=mesh,
-      in_specs=(parallel.param_specs(params, models.PER_TOWER_LAYERS),
-                P(parallel.DATA)) + other_specs,
+      in_specs=(_param_specs(params, towers),
+                P(towers.batch_axes)) + other_specs,
       out_specs=P(parallel.TOWER))
   return lambda *args: jax.tree.map(jnp.mean, sharded(*args))
 
 
-def _total_over_data(sums):
-  """This device's sums added over 'data', with a leading tower-copy axis."""
-  return jax.tree.map(lambda s: jax.lax.psum(s, parallel.DATA)[None], sums)
+def _total_over_batch(sums, towers: parallel.Towers):
+  """This device's sums added over the batch, with a leading copy axis."""
+  return jax.tree.map(lambda s: jax.lax.psum(s, towers.batch_axes)[None], sums)
 
 
 def mesh_model(config, mesh: jax.sharding.Mesh) -> models.AlexNet:
   """The model as one device of `mesh` runs it inside `shard_map`."""
-  variant = models.get_variant(config.model.variant)
-  return models.build(config, parallel.mesh_towers(variant.towers, mesh))
+  return models.build(config, mesh_towers(config, mesh))
 
 
 def make_train_step(config, mesh: jax.sharding.Mesh,
@@ -138,7 +156,7 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   """A compiled `(state, batch) -> (state, metrics)` over `mesh`.
 
   The state is donated and keeps its shardings (`state_shardings`); the
-  batch is split over 'data' (`parallel.shard_batch`). Gradients come from
+  batch is split over the batch axes (`parallel.shard_batch`). Gradients come from
   differentiating the mesh-wide loss, so the transposes of the tower
   all-gathers and the sum over 'data' are derived, not written by hand.
   """
@@ -150,13 +168,14 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
     images = normalize(batch['image'], mean, batch['lighting'])
     logits = model.apply({'params': params}, images, train=True,
                          dropout_rng=jax.random.wrap_key_data(rng_data))
-    return _total_over_data(classification_sums(
-        logits, batch['label'], jnp.ones_like(batch['label'], jnp.float32)))
+    return _total_over_batch(classification_sums(
+        logits, batch['label'], jnp.ones_like(batch['label'], jnp.float32)),
+                             model.towers)
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                      state.step)
-    sums_fn = _sharded(mesh, device_sums, state.params, P())
+    sums_fn = _sharded(mesh, model.towers, device_sums, state.params, P())
 
     def loss_fn(params):
       sums = sums_fn(params, batch, jax.random.key_data(dropout_rng))
@@ -220,8 +239,9 @@ def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
 
   def device_sums(members, batch):
     probs = mean_probabilities(model, members, batch['image'], mean)
-    return _total_over_data(classification_sums(
-        jnp.log(probs), batch['label'], batch['mask'].astype(jnp.float32)))
+    return _total_over_batch(classification_sums(
+        jnp.log(probs), batch['label'], batch['mask'].astype(jnp.float32)),
+                             model.towers)
 
   return jax.jit(lambda members, batch: _sharded(
-      mesh, device_sums, members)(members, batch))
+      mesh, model.towers, device_sums, members)(members, batch))

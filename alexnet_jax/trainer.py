@@ -96,8 +96,9 @@ def train_and_evaluate(config, workdir: str,
   checkpoint_every = _every(config.checkpoint_every_steps, total_steps)
 
   mesh = parallel.make_mesh(config)
-  parallel.check_batch(config.batch_size, mesh, 'batch_size')
-  parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
+  towers = train.mesh_towers(config, mesh)
+  parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
+  parallel.check_batch(config.eval.batch_size, mesh, towers, 'eval.batch_size')
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   state = _resume_or_start(config, mesh, mngr, allow_config_change)
   train_step = train.make_train_step(config, mesh, steps_per_epoch)
@@ -115,8 +116,8 @@ def train_and_evaluate(config, workdir: str,
       f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}')
   with preemption.StopRequests(mngr) as stop_requests:
     while step < total_steps:
-      state, metrics = train_step(state,
-                                  parallel.shard_batch(next(batches), mesh))
+      state, metrics = train_step(
+          state, parallel.shard_batch(next(batches), mesh, towers))
       step += 1
       pending.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:

@@ -166,9 +166,10 @@ def test_dropout_only_in_training_and_differs_per_key():
       a, apply(train=True, dropout_rng=jax.random.key(2)))
 
 
-def test_conv3_and_fc_layers_see_both_towers():
+@pytest.mark.parametrize('grouped', [False, True])
+def test_conv3_and_fc_layers_see_both_towers(grouped):
   """Zeroing tower 1's conv2 changes tower 0's conv3 but not its conv4 input."""
-  model = _model(width=0.25, num_classes=10)
+  model = _model(width=0.25, num_classes=10, grouped_convolutions=grouped)
   params = models.init_params(model, jax.random.key(0), 64)
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3)) * 50
 
@@ -184,6 +185,28 @@ def test_conv3_and_fc_layers_see_both_towers():
   # conv3 is cross-tower: tower 0's conv3 output changes.
   assert not np.allclose(towers_of(params, 'conv3')[0],
                          towers_of(cut, 'conv3')[0])
+
+
+def test_grouped_convolutions_compute_the_same_network():
+  """One feature_group_count=2 convolution per layer, or one per tower."""
+  separate = _model(width=0.25, num_classes=10)
+  grouped = _model(width=0.25, num_classes=10, grouped_convolutions=True)
+  params = models.init_params(separate, jax.random.key(0), 64)
+  x = jax.random.normal(jax.random.key(1), (3, 64, 64, 3)) * 50
+
+  def loss_and_grads(model):
+    loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply(
+        {'params': p}, x, train=True, dropout_rng=jax.random.key(2)))[:, 0])
+    return jax.value_and_grad(loss)(params)
+
+  (loss, grads), (grouped_loss, grouped_grads) = map(
+      loss_and_grads, (separate, grouped))
+  np.testing.assert_allclose(grouped_loss, loss, rtol=1e-5)
+  for layer in ('conv2', 'conv4', 'conv5', 'fc8'):
+    np.testing.assert_allclose(grouped_grads[layer]['kernel'],
+                               grads[layer]['kernel'], rtol=1e-4,
+                               atol=1e-4 * float(jnp.max(jnp.abs(
+                                   grads[layer]['kernel']))))
 
 
 def test_unknown_variant_is_rejected_with_the_choices():

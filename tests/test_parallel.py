@@ -30,7 +30,8 @@ def _train(config, data, tower, steps=3):
   step = train.make_train_step(config, mesh, steps_per_epoch=100)
   losses = []
   for i in range(steps):
-    state, metrics = step(state, parallel.shard_batch(_batch(config, i), mesh))
+    state, metrics = step(state, parallel.shard_batch(
+        _batch(config, i), mesh, train.mesh_towers(config, mesh)))
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state.params)
 
@@ -70,58 +71,161 @@ def test_tower_parameters_and_momenta_are_split_over_the_tower_axis(
 
 
 def _collectives(hlo: str):
-  """(kind, result shape, replica groups, op name) of each collective."""
+  """(kind, result shapes, replica groups, op name) of each collective.
+
+  XLA combines small collectives into one with a tuple of results, so the
+  shapes come as a tuple: ('f32[8,512]',) or ('f32[3,3,8,16]', 'f32[16]').
+  """
   found = []
   for line in hlo.splitlines():
-    m = re.search(r'= (\S+?)\{?[\d,]*\}? (all-gather|reduce-scatter|'
-                  r'all-reduce|collective-permute|all-to-all)\(', line)
+    m = re.search(r'= (\([^()]*\)|\S+) (all-gather|reduce-scatter|'
+                  r'all-reduce|collective-permute|all-to-all)(-start)?\(',
+                  line)
     if not m:
       continue
+    shapes = tuple(re.findall(r'[a-z]+\d*\[[\d,]*\]', m.group(1)))
     groups = re.search(r'replica_groups=(\{[\d,{}]*\}|\S+)', line)
     name = re.search(r'op_name="([^"]*)"', line)
-    found.append((m.group(2), m.group(1), groups.group(1) if groups else '',
+    found.append((m.group(2), shapes, groups.group(1) if groups else '',
                   name.group(1) if name else ''))
   return found
 
 
+def _compiled_train_step(config, data, tower) -> str:
+  config.mesh.data, config.mesh.tower = data, tower
+  mesh = parallel.make_mesh(config)
+  state = train.create_sharded_train_state(config, mesh)
+  step = train.make_train_step(config, mesh, steps_per_epoch=100)
+  return step.lower(state, parallel.shard_batch(
+      _batch(config), mesh, train.mesh_towers(config, mesh))
+                    ).compile().as_text()
+
+
+def _shapes(collectives, kind, groups):
+  return sorted(shape for k, shapes, g, _ in collectives
+                if k == kind and g == groups for shape in shapes)
+
+
+def _gradient_sums(collectives) -> dict[str, set[str]]:
+  """The layers whose gradients each group of devices sums (all-reduce)."""
+  layers = {}
+  for kind, shapes, groups, name in collectives:
+    one_number = lambda shape: re.fullmatch(r'\w+\[(1,)*1?\]', shape)
+    if kind == 'all-reduce' and not all(map(one_number, shapes)):
+      layers.setdefault(groups, set()).update(
+          re.findall(r'(?:^|[/(:])((?:conv|fc)\d)/', name))
+  return layers
+
+
+# Mesh (2, 2) holds devices [[0, 1], [2, 3]].
+TOWER_GROUPS, DATA_GROUPS, ALL = '{{0,1},{2,3}}', '{{0,2},{1,3}}', '{{0,1,2,3}}'
+
+
 def test_compiled_step_has_exactly_the_2012_cross_tower_traffic(tiny_config):
-  """Mesh (2, 2): devices [[0, 1], [2, 3]]; towers pair up as {0,1}, {2,3}.
+  """Towers pair up as {0,1} and {2,3}.
 
   At 64 px and width 0.125, per device (8 examples): conv2's pooled maps are
   3x3x16 per tower, conv5's 1x1x16, fc6's and fc7's outputs 256.
   """
-  tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
+  collectives = _collectives(_compiled_train_step(tiny_config, 2, 2))
+  # Before conv3, fc6, fc7 and fc8: both towers' activations on each device.
+  assert _shapes(collectives, 'all-gather', TOWER_GROUPS) == sorted(
+      ['f32[8,3,3,32]', 'f32[8,1,1,32]', 'f32[8,512]', 'f32[8,512]']
+  ), collectives
+  # Their transposes: each tower gets back the gradient of its own part.
+  assert _shapes(collectives, 'reduce-scatter', TOWER_GROUPS) == sorted(
+      ['f32[8,3,3,16]', 'f32[8,1,1,16]', 'f32[8,256]', 'f32[8,256]']
+  ), collectives
+  assert not any(kind in ('all-gather', 'reduce-scatter')
+                 and groups != TOWER_GROUPS
+                 for kind, _, groups, _ in collectives), collectives
+  # Gradients: each tower's layers summed over 'data' only; fc8, whole on
+  # every device, over all of them. Nothing else but scalars (loss, metrics).
+  assert _gradient_sums(collectives) == {
+      DATA_GROUPS: {'conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7'},
+      ALL: {'fc8'}}, collectives
+  assert not any(kind not in ('all-gather', 'reduce-scatter', 'all-reduce')
+                 for kind, _, _, _ in collectives), collectives
+
+
+def test_compiled_hybrid_step_has_exactly_the_2014_traffic(tiny_config):
+  """One weird trick on mesh (2, 2): the fc layers split over {0,1}, {2,3}.
+
+  16 examples, 4 per device in the convolutions; at width 0.125 conv5's
+  pooled maps are 1x1x32, fc6 and fc7 have 512 units, fc8 10 (256 and 5 per
+  device).
+  """
+  tiny_config.model.variant = 'one_tower_2014'
+  tiny_config.mesh.fc_model_parallel = True
+  collectives = _collectives(_compiled_train_step(tiny_config, 2, 2))
+  # Forward: the group's 8 examples before fc6, every unit after fc6-fc8.
+  assert _shapes(collectives, 'all-gather', TOWER_GROUPS) == sorted(
+      ['f32[8,1,1,32]', 'f32[8,512]', 'f32[8,512]', 'f32[8,10]']
+  ), collectives
+  # Backward: each device gets the gradient of its examples and its units.
+  assert _shapes(collectives, 'reduce-scatter', TOWER_GROUPS) == sorted(
+      ['f32[4,1,1,32]', 'f32[8,256]', 'f32[8,256]', 'f32[8,5]']
+  ), collectives
+  assert not any(kind in ('all-gather', 'reduce-scatter')
+                 and groups != TOWER_GROUPS
+                 for kind, _, groups, _ in collectives), collectives
+  # Convolutions are data-parallel over all devices; the fc shards are
+  # summed over 'data' only.
+  assert _gradient_sums(collectives) == {
+      ALL: {'conv1', 'conv2', 'conv3', 'conv4', 'conv5'},
+      DATA_GROUPS: {'fc6', 'fc7', 'fc8'}}, collectives
+  fc_gradient_shapes = [shapes for kind, shapes, groups, _ in collectives
+                        if kind == 'all-reduce' and groups == DATA_GROUPS
+                        and len(shapes) > 1]
+  assert fc_gradient_shapes == [('f32[1,256]', 'f32[32,256]', 'f32[1,256]',
+                                 'f32[512,256]', 'f32[1,5]', 'f32[512,5]')]
+
+
+def test_hybrid_trains_to_the_parameters_of_one_device(tiny_config):
+  """The 2014 hybrid on any mesh: the same as plain training on one device."""
+  tiny_config.model.variant = 'one_tower_2014'
+  tiny_config.model.num_classes = 8   # splits over 4 devices, as do 512 units
+  reference_losses, reference = _train(tiny_config, 1, 1)
+  tiny_config.mesh.fc_model_parallel = True
+  for data, tower in [(1, 2), (2, 2), (1, 4), (2, 4)]:
+    losses, params = _train(tiny_config, data, tower)
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5,
+                               err_msg=f'mesh {data}x{tower}')
+    _assert_close(params, reference)
+  assert reference_losses[-1] != reference_losses[0]
+
+
+def test_hybrid_parameters_are_split_by_output_unit(tiny_config):
+  tiny_config.model.variant = 'one_tower_2014'
+  tiny_config.mesh.fc_model_parallel = True
+  tiny_config.mesh.data, tiny_config.mesh.tower = 1, 2
   mesh = parallel.make_mesh(tiny_config)
   state = train.create_sharded_train_state(tiny_config, mesh)
-  step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  hlo = step.lower(state, parallel.shard_batch(_batch(tiny_config), mesh)
-                   ).compile().as_text()
-  collectives = _collectives(hlo)
-  tower_groups, data_groups = '{{0,1},{2,3}}', '{{0,2},{1,3}}'
+  fc6 = state.params['fc6']['kernel']
+  assert fc6.shape == (1, 32, 512)
+  assert {s.data.shape for s in fc6.addressable_shards} == {(1, 32, 256)}
+  assert state.params['conv2']['kernel'].sharding.is_fully_replicated
+  # The momenta are split like the parameters.
+  fc8_kernel_momenta = [
+      leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
+          state.opt_state)
+      if "'fc8'" in jax.tree_util.keystr(path) and leaf.ndim == 2]
+  assert fc8_kernel_momenta
+  assert all(m.sharding.spec == parallel.P(None, parallel.TOWER)
+             for m in fc8_kernel_momenta)
 
-  gathers = sorted(shape for kind, shape, groups, _ in collectives
-                   if kind == 'all-gather' and groups == tower_groups)
-  # Before conv3, fc6, fc7 and fc8: both towers' activations on each device.
-  assert gathers == sorted(['f32[8,3,3,32]', 'f32[8,1,1,32]', 'f32[8,512]',
-                            'f32[8,512]']), collectives
-  scatters = sorted(shape for kind, shape, groups, _ in collectives
-                    if kind == 'reduce-scatter' and groups == tower_groups)
-  # Their transposes: each tower gets back the gradient of its own part.
-  assert scatters == sorted(['f32[8,3,3,16]', 'f32[8,1,1,16]', 'f32[8,256]',
-                             'f32[8,256]']), collectives
-  assert not any(kind == 'all-gather' and groups != tower_groups
-                 for kind, _, groups, _ in collectives), collectives
 
-  for kind, shape, groups, name in collectives:
-    if kind in ('all-gather', 'reduce-scatter') or groups == data_groups:
-      continue  # the tower traffic above, or gradient sums over 'data'
-    # Anything else that crosses towers: fc8's gradient (fc8 is whole on
-    # every device) or the loss and metric scalars.
-    assert '/fc8/' in name or re.fullmatch(r'\(?(f32\[\](, )?)+\)?', shape), (
-        kind, shape, groups, name)
-  for layer in ('conv1', 'conv2', 'conv4', 'conv5'):
-    assert not any(f'/{layer}/' in name and groups != data_groups
-                   for _, _, groups, name in collectives), layer
+def test_the_hybrid_refuses_two_towers_and_units_that_do_not_split(
+    tiny_config):
+  tiny_config.mesh.fc_model_parallel = True
+  tiny_config.mesh.data, tiny_config.mesh.tower = 1, 2
+  with pytest.raises(errors.UserError, match='one-tower networks'):
+    train.mesh_towers(tiny_config, parallel.make_mesh(tiny_config))
+  tiny_config.model.variant = 'one_tower_2014'
+  tiny_config.mesh.data, tiny_config.mesh.tower = 1, 4   # 10 classes
+  with pytest.raises(errors.UserError, match='10 units .* mesh.tower=4'):
+    train.create_sharded_train_state(tiny_config,
+                                     parallel.make_mesh(tiny_config))
 
 
 @pytest.mark.parametrize('data, tower, message', [
@@ -142,4 +246,6 @@ def test_data_minus_one_takes_the_remaining_devices(tiny_config):
 def test_a_batch_that_does_not_split_over_data_is_refused(tiny_config):
   tiny_config.mesh.data = 3
   with pytest.raises(errors.UserError, match='multiple of 3'):
-    parallel.check_batch(16, parallel.make_mesh(tiny_config), 'batch_size')
+    mesh = parallel.make_mesh(tiny_config)
+    parallel.check_batch(16, mesh, train.mesh_towers(tiny_config, mesh),
+                         'batch_size')

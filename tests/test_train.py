@@ -25,7 +25,8 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   state = train.create_sharded_train_state(tiny_config, mesh)
   step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh)
+  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
+                              train.mesh_towers(tiny_config, mesh))
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -37,7 +38,8 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
 def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh)
+  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
+                              train.mesh_towers(tiny_config, mesh))
   runs = []
   for _ in range(2):
     state = train.create_sharded_train_state(tiny_config, mesh)
@@ -78,7 +80,7 @@ def test_eval_step_averages_the_softmax_over_crops(tiny_config):
   labels = np.asarray([1, 2, 3], np.int32)
   sums = eval_step((params,), parallel.shard_batch(
       {'image': crops, 'label': labels, 'mask': np.ones(3, np.float32)},
-      mesh))
+      mesh, train.mesh_towers(tiny_config, mesh)))
   flat = train.normalize(crops.reshape(30, 64, 64, 3),
                          tiny_config.dataset.mean_rgb)
   probs = jax.nn.softmax(model.apply({'params': params}, flat)).reshape(
@@ -98,7 +100,8 @@ def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
   crops = rng.integers(0, 256, (4, 10, 64, 64, 3), dtype=np.uint8)
   labels = np.asarray([1, 2, 3, 4], np.int32)
   batch = parallel.shard_batch(
-      {'image': crops, 'label': labels, 'mask': np.ones(4, np.float32)}, mesh)
+      {'image': crops, 'label': labels, 'mask': np.ones(4, np.float32)}, mesh,
+      train.mesh_towers(tiny_config, mesh))
   eval_step = train.make_eval_step(tiny_config, mesh)
 
   model = models.build(tiny_config)  # both towers on one device
