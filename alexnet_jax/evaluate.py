@@ -28,7 +28,7 @@ def evaluate_params(config, mesh, eval_step, members: tuple,
   return dict(train.means(totals), examples=int(totals['count']))
 
 
-def _restore_params(config, mesh, spec: str, allow_config_change: bool):
+def restore_params(config, mesh, spec: str, allow_config_change: bool):
   """The parameters of 'WORKDIR' or 'WORKDIR@WHICH' (latest, best, a step)."""
   workdir, _, which = spec.partition('@')
   mngr = checkpoints.manager(workdir, read_only=True)
@@ -54,7 +54,7 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   parallel.check_batch(config.eval.batch_size, mesh,
                        train.mesh_towers(config, mesh), 'eval.batch_size')
   specs = (f'{workdir}@{checkpoint}', *ensemble)
-  params, steps = zip(*[_restore_params(config, mesh, spec, allow_config_change)
+  params, steps = zip(*[restore_params(config, mesh, spec, allow_config_change)
                         for spec in specs])
   src = input_pipeline.source(config, config.dataset.eval_split)
   metrics = evaluate_params(config, mesh, train.make_eval_step(config, mesh),

@@ -251,6 +251,44 @@ def source(config, split: str) -> Source:
   return _tfds_source(config, split)
 
 
+def class_names(config) -> tuple[str, ...]:
+  """The training split's class names in label order, from the dataset's
+  metadata alone (no image is read)."""
+  name = config.dataset.name
+  if name == 'builtin':
+    return builtin_data.CLASSES
+  if name.startswith('folder:'):
+    root = name[len('folder:'):]
+    split_dir = os.path.join(root, config.dataset.train_split)
+    if not os.path.isdir(split_dir):
+      raise DatasetError(f'no folder {split_dir}: a folder dataset needs '
+                         f'{root}/<split>/<class name>/<image files>')
+    return _class_names(split_dir, root)
+  import tensorflow_datasets as tfds  # only needed for TFDS datasets
+  try:
+    builder = tfds.builder(name, data_dir=config.dataset.data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetError(f'unknown dataset.name {name!r}: use builtin, '
+                       f'folder:PATH or a TFDS dataset name') from e
+  return tuple(builder.info.features['label'].names)
+
+
+def spread_sample(src: Source, count: int) -> tf.data.Dataset:
+  """About `count` examples of this process's share, as (bytes, label, index).
+
+  With random access they are spread evenly over the split (a folder is in
+  class order, so its first examples would be one class); otherwise they are
+  the first ones, which in TFDS's shuffled records are a fair sample.
+  """
+  if src.lookup is not None:
+    indices = np.unique(np.linspace(0, src.num_examples - 1, count,
+                                    dtype=np.int64))
+    return tf.data.Dataset.from_tensor_slices(indices).map(
+        lambda i: (*src.lookup(i), i))
+  return src.examples.take(count).enumerate().map(
+      lambda i, example: (*example, i))
+
+
 def process_batch_size(global_batch: int) -> int:
   if global_batch % jax.process_count():
     raise errors.UserError(f'batch_size {global_batch} must divide evenly '

@@ -7,6 +7,12 @@
       --mode=prepare     # a 256-px copy to train from (folder:COPY)
   python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR \
       --mode=stats       # the training set's mean and colour PCA
+  python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
+      --mode=predict --images=FILE_OR_FOLDER,...   # top 5, one JSON line each
+  python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
+      --mode=figures     # Figures 3 and 4 of the paper in DIR/figures
+  python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
+      --mode=export      # a TensorFlow SavedModel in DIR/saved_model
 
 Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
@@ -28,13 +34,24 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Folder for checkpoints, logs and metrics.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'prepare', 'stats'],
+    'mode', 'train',
+    ['train', 'eval', 'prepare', 'stats', 'predict', 'figures', 'export'],
     'train (or resume); eval the latest checkpoint; prepare a 256-px copy of '
-    'the dataset in workdir; stats: the dataset\'s mean and PCA to workdir.')
+    'the dataset in workdir; stats: the dataset\'s mean and PCA to workdir; '
+    'predict: the top 5 of --images; figures: the paper\'s Figures 3 and 4 '
+    'to workdir/figures; export: a TensorFlow SavedModel.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', 'latest',
-    '--mode=eval: which checkpoint of workdir: latest, best (lowest eval '
-    'top-1 error) or a step number.')
+    '--mode=eval, predict, figures, export: which checkpoint of workdir: '
+    'latest, best (lowest eval top-1 error) or a step number.')
+_IMAGES = flags.DEFINE_list(
+    'images', [], '--mode=predict: image files or folders, comma-separated.')
+_FIGURE_POOL = flags.DEFINE_integer(
+    'figure_pool', 10000, '--mode=figures: training images searched for the '
+    'nearest neighbours in fc7 space.')
+_EXPORT_DIR = flags.DEFINE_string(
+    'export_dir', '', '--mode=export: where to write the SavedModel '
+    '(default: workdir/saved_model).')
 _ENSEMBLE = flags.DEFINE_list(
     'ensemble', [],
     '--mode=eval: more networks to average with workdir\'s, as WORKDIR or '
@@ -63,9 +80,17 @@ def _run(mode: str, config, workdir: str) -> None:
   # Imported here so that --help and flag errors stay fast.
   from alexnet_jax import dataset_tools
   from alexnet_jax import evaluate
+  from alexnet_jax import export
+  from alexnet_jax import figures
+  from alexnet_jax import predict
   from alexnet_jax import trainer
-  if mode != 'eval' and (_ENSEMBLE.value or _CHECKPOINT.present):
-    raise errors.UserError('--checkpoint and --ensemble are for --mode=eval')
+  if mode != 'eval' and _ENSEMBLE.value:
+    raise errors.UserError('--ensemble is for --mode=eval')
+  if mode in ('train', 'prepare', 'stats') and _CHECKPOINT.present:
+    raise errors.UserError(f'--checkpoint is not for --mode={mode}: use it '
+                           f'with eval, predict, figures or export')
+  if mode == 'predict' and not _IMAGES.value:
+    raise errors.UserError('--mode=predict needs --images=FILE_OR_FOLDER,...')
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value),
@@ -75,8 +100,18 @@ def _run(mode: str, config, workdir: str) -> None:
           allow_config_change=_ALLOW_CONFIG_CHANGE.value),
       'prepare': lambda: dataset_tools.prepare(config, workdir),
       'stats': lambda: dataset_tools.stats(config, workdir),
+      'predict': lambda: predict.run(
+          config, workdir, _CHECKPOINT.value, _IMAGES.value,
+          _ALLOW_CONFIG_CHANGE.value),
+      'figures': lambda: figures.run(
+          config, workdir, _CHECKPOINT.value, _FIGURE_POOL.value,
+          _ALLOW_CONFIG_CHANGE.value),
+      'export': lambda: export.run(
+          config, workdir, _CHECKPOINT.value, _EXPORT_DIR.value,
+          _ALLOW_CONFIG_CHANGE.value),
   }
   jobs[mode]()
+
 
 
 def _parse_flags(argv):

@@ -30,10 +30,24 @@ class MetricWriter:
     record.update({k: float(v) for k, v in scalars.items()})
     with open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    if split not in self._summaries:
-      self._summaries[split] = tf.summary.create_file_writer(
-          os.path.join(self._workdir, 'tensorboard', split))
-    with self._summaries[split].as_default():
+    with self._summary(split).as_default():
       for name, value in scalars.items():
         tf.summary.scalar(name, float(value), step=int(step))
     self._summaries[split].flush()
+
+  def write_images(self, step: int, split: str, images) -> None:
+    """uint8 (H, W, 3) images by name, to TensorBoard only."""
+    if not self._active:
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with self._summary(split).as_default():
+      for name, image in images.items():
+        tf.summary.image(name, image[None], step=int(step))
+    self._summaries[split].flush()
+
+  def _summary(self, split: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if split not in self._summaries:
+      self._summaries[split] = tf.summary.create_file_writer(
+          os.path.join(self._workdir, 'tensorboard', split))
+    return self._summaries[split]

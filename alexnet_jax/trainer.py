@@ -9,6 +9,7 @@ from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 from alexnet_jax import evaluate
+from alexnet_jax import figures
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
 from alexnet_jax import optimizer
@@ -56,12 +57,26 @@ def _resume_or_start(config, mesh, mngr, allow_config_change: bool):
                              step)
 
 
-def _evaluate(config, mesh, eval_step, eval_src, state, writer):
+def _tensorboard_figures(config, eval_src, class_names):
+  """params -> the images TensorBoard shows at each evaluation: the conv1
+  kernels and the predictions for a few evaluation images. None with
+  several processes, where no one process holds all the parameters."""
+  if jax.process_count() > 1:
+    return None
+  shown = figures.first(config, eval_src, 4)
+  names = tuple(class_names) + tuple(  # classes the dataset does not use
+      f'class {i}' for i in range(len(class_names), config.model.num_classes))
+  return lambda params: figures.training_figures(config, params, names, shown)
+
+
+def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
   """Evaluate and log the state; the plateau rule sees its top-1 error."""
   step = int(state.step)
   metrics = evaluate.evaluate_params(config, mesh, eval_step, (state.params,),
                                      eval_src)
   writer.write(step, 'eval', metrics)
+  if figures_of is not None:
+    writer.write_images(step, 'eval', figures_of(state.params))
   metric_writer.report(
       f'step {step} eval: top1_error {metrics["top1_error"]:.4f}, '
       f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}')
@@ -104,6 +119,7 @@ def train_and_evaluate(config, workdir: str,
   train_step = train.make_train_step(config, mesh, steps_per_epoch)
   eval_step = train.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
+  figures_of = _tensorboard_figures(config, eval_src, train_src.class_names)
 
   step = int(state.step)
   batches = input_pipeline.train_dataset(
@@ -140,7 +156,7 @@ def train_and_evaluate(config, workdir: str,
         jax.block_until_ready(state)
         eval_started = time.time()
         state, eval_metrics = _evaluate(config, mesh, eval_step, eval_src,
-                                        state, writer)
+                                        state, writer, figures_of)
         last_log_time += time.time() - eval_started
       stopping = stop_requests.requested(step)
       if (eval_metrics is not None or stopping or step == total_steps
