@@ -14,19 +14,14 @@ from jax.experimental import jax2tf
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import evaluate
-from alexnet_jax import parallel
 from alexnet_jax import predict
 
 
 def run(config, workdir: str, checkpoint: str, export_dir: str = '',
         allow_config_change: bool = False) -> str:
   """Write the SavedModel (default: WORKDIR/saved_model); return its path."""
-  predict.single_process_only('export')
-  names = predict.checked_class_names(config)
-  mesh = parallel.make_mesh(config)
-  params, step = evaluate.restore_params(
-      config, mesh, f'{workdir}@{checkpoint}', allow_config_change)
+  params, step, names = predict.restore_to_look_at(
+      'export', config, workdir, checkpoint, allow_config_change)
   export_dir = export_dir or os.path.join(workdir, 'saved_model')
   size = config.image_size
 

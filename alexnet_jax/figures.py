@@ -25,10 +25,8 @@ import tensorflow as tf
 
 from alexnet_jax import augment
 from alexnet_jax import dataset_stats
-from alexnet_jax import evaluate
 from alexnet_jax import input_pipeline
 from alexnet_jax import models
-from alexnet_jax import parallel
 from alexnet_jax import predict
 from alexnet_jax import train
 
@@ -183,11 +181,8 @@ def training_figures(config, params, names, shown) -> dict[str, np.ndarray]:
 def run(config, workdir: str, checkpoint: str, pool_size: int,
         allow_config_change: bool = False) -> dict:
   """Write the figures of workdir's checkpoint to workdir/figures."""
-  predict.single_process_only('figures')
-  names = predict.checked_class_names(config)
-  mesh = parallel.make_mesh(config)
-  params, step = evaluate.restore_params(
-      config, mesh, f'{workdir}@{checkpoint}', allow_config_change)
+  params, step, names = predict.restore_to_look_at(
+      'figures', config, workdir, checkpoint, allow_config_change)
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)
   save_png(conv1_grid(np.asarray(params['conv1']['kernel'])),

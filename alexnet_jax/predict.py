@@ -43,20 +43,23 @@ def image_files(paths) -> list[str]:
   return files
 
 
-def single_process_only(mode: str) -> None:
+def restore_to_look_at(mode: str, config, workdir: str, checkpoint: str,
+                       allow_config_change: bool):
+  """(parameters, step, class names) of a checkpoint, for --mode=predict,
+  figures or export, which run in one process."""
   if jax.process_count() > 1:
     raise errors.UserError(f'--mode={mode} runs in one process: start it '
                            f'without --coordinator_address or a launcher')
-
-
-def checked_class_names(config) -> tuple[str, ...]:
   names = input_pipeline.class_names(config)
   if len(names) != config.model.num_classes:
     raise errors.UserError(
         f'{config.dataset.name} has {len(names)} classes but the network '
         f'{config.model.num_classes}: set --config.dataset.name to the '
         f'dataset it was trained on')
-  return names
+  params, step = evaluate.restore_params(
+      config, parallel.make_mesh(config), f'{workdir}@{checkpoint}',
+      allow_config_change)
+  return params, step, names
 
 
 def load_image(config, path: str) -> np.ndarray:
@@ -86,12 +89,9 @@ def top5(probabilities: np.ndarray, class_names) -> list[list]:
 def run(config, workdir: str, checkpoint: str, paths,
         allow_config_change: bool = False) -> list[dict]:
   """Print (and return) one JSON line per image: its top 5 classes."""
-  single_process_only('predict')
   files = image_files(paths)
-  names = checked_class_names(config)
-  mesh = parallel.make_mesh(config)
-  params, step = evaluate.restore_params(config, mesh, f'{workdir}@{checkpoint}',
-                                         allow_config_change)
+  params, step, names = restore_to_look_at('predict', config, workdir,
+                                           checkpoint, allow_config_change)
   probabilities = probabilities_fn(config)
   results = []
   batch = config.eval.batch_size

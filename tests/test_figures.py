@@ -13,7 +13,6 @@ from command_line import checkpointed_params
 from command_line import run_main
 from command_line import tiny_flags
 from alexnet_jax import augment
-from alexnet_jax import config as config_lib
 from alexnet_jax import figures
 from alexnet_jax import input_pipeline
 from alexnet_jax import models

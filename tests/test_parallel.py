@@ -121,31 +121,39 @@ def _gradient_sums(collectives) -> dict[str, set[str]]:
 TOWER_GROUPS, DATA_GROUPS, ALL = '{{0,1},{2,3}}', '{{0,2},{1,3}}', '{{0,1,2,3}}'
 
 
+def _assert_traffic(collectives, gathers, scatters, gradient_sums):
+  """Exactly these all-gathers and reduce-scatters, all within the tower
+  groups; these layers' gradients summed by these groups; else scalars."""
+  assert _shapes(collectives, 'all-gather', TOWER_GROUPS) == sorted(
+      gathers), collectives
+  assert _shapes(collectives, 'reduce-scatter', TOWER_GROUPS) == sorted(
+      scatters), collectives
+  assert not any(kind in ('all-gather', 'reduce-scatter')
+                 and groups != TOWER_GROUPS
+                 for kind, _, groups, _ in collectives), collectives
+  assert _gradient_sums(collectives) == gradient_sums, collectives
+  assert not any(kind not in ('all-gather', 'reduce-scatter', 'all-reduce')
+                 for kind, _, _, _ in collectives), collectives
+
+
 def test_compiled_step_has_exactly_the_2012_cross_tower_traffic(tiny_config):
   """Towers pair up as {0,1} and {2,3}.
 
   At 64 px and width 0.125, per device (8 examples): conv2's pooled maps are
   3x3x16 per tower, conv5's 1x1x16, fc6's and fc7's outputs 256.
   """
-  collectives = _collectives(_compiled_train_step(tiny_config, 2, 2))
-  # Before conv3, fc6, fc7 and fc8: both towers' activations on each device.
-  assert _shapes(collectives, 'all-gather', TOWER_GROUPS) == sorted(
-      ['f32[8,3,3,32]', 'f32[8,1,1,32]', 'f32[8,512]', 'f32[8,512]']
-  ), collectives
-  # Their transposes: each tower gets back the gradient of its own part.
-  assert _shapes(collectives, 'reduce-scatter', TOWER_GROUPS) == sorted(
-      ['f32[8,3,3,16]', 'f32[8,1,1,16]', 'f32[8,256]', 'f32[8,256]']
-  ), collectives
-  assert not any(kind in ('all-gather', 'reduce-scatter')
-                 and groups != TOWER_GROUPS
-                 for kind, _, groups, _ in collectives), collectives
-  # Gradients: each tower's layers summed over 'data' only; fc8, whole on
-  # every device, over all of them. Nothing else but scalars (loss, metrics).
-  assert _gradient_sums(collectives) == {
-      DATA_GROUPS: {'conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7'},
-      ALL: {'fc8'}}, collectives
-  assert not any(kind not in ('all-gather', 'reduce-scatter', 'all-reduce')
-                 for kind, _, _, _ in collectives), collectives
+  _assert_traffic(
+      _collectives(_compiled_train_step(tiny_config, 2, 2)),
+      # Before conv3, fc6, fc7 and fc8: both towers' activations on each
+      # device; in the backward pass, their transposes: each tower gets back
+      # the gradient of its own part.
+      gathers=['f32[8,3,3,32]', 'f32[8,1,1,32]', 'f32[8,512]', 'f32[8,512]'],
+      scatters=['f32[8,3,3,16]', 'f32[8,1,1,16]', 'f32[8,256]', 'f32[8,256]'],
+      # Each tower's layers summed over 'data' only; fc8, whole on every
+      # device, over all of them.
+      gradient_sums={DATA_GROUPS: {'conv1', 'conv2', 'conv3', 'conv4',
+                                   'conv5', 'fc6', 'fc7'},
+                     ALL: {'fc8'}})
 
 
 def test_compiled_hybrid_step_has_exactly_the_2014_traffic(tiny_config):
@@ -158,22 +166,15 @@ def test_compiled_hybrid_step_has_exactly_the_2014_traffic(tiny_config):
   tiny_config.model.variant = 'one_tower_2014'
   tiny_config.mesh.fc_model_parallel = True
   collectives = _collectives(_compiled_train_step(tiny_config, 2, 2))
-  # Forward: the group's 8 examples before fc6, every unit after fc6-fc8.
-  assert _shapes(collectives, 'all-gather', TOWER_GROUPS) == sorted(
-      ['f32[8,1,1,32]', 'f32[8,512]', 'f32[8,512]', 'f32[8,10]']
-  ), collectives
-  # Backward: each device gets the gradient of its examples and its units.
-  assert _shapes(collectives, 'reduce-scatter', TOWER_GROUPS) == sorted(
-      ['f32[4,1,1,32]', 'f32[8,256]', 'f32[8,256]', 'f32[8,5]']
-  ), collectives
-  assert not any(kind in ('all-gather', 'reduce-scatter')
-                 and groups != TOWER_GROUPS
-                 for kind, _, groups, _ in collectives), collectives
-  # Convolutions are data-parallel over all devices; the fc shards are
-  # summed over 'data' only.
-  assert _gradient_sums(collectives) == {
-      ALL: {'conv1', 'conv2', 'conv3', 'conv4', 'conv5'},
-      DATA_GROUPS: {'fc6', 'fc7', 'fc8'}}, collectives
+  _assert_traffic(
+      collectives,
+      # Forward: the group's 8 examples before fc6, every unit after fc6-fc8.
+      # Backward: each device gets the gradient of its examples and units.
+      gathers=['f32[8,1,1,32]', 'f32[8,512]', 'f32[8,512]', 'f32[8,10]'],
+      scatters=['f32[4,1,1,32]', 'f32[8,256]', 'f32[8,256]', 'f32[8,5]'],
+      # Convolutions data-parallel over all devices; fc shards over 'data'.
+      gradient_sums={ALL: {'conv1', 'conv2', 'conv3', 'conv4', 'conv5'},
+                     DATA_GROUPS: {'fc6', 'fc7', 'fc8'}})
   fc_gradient_shapes = [shapes for kind, shapes, groups, _ in collectives
                         if kind == 'all-reduce' and groups == DATA_GROUPS
                         and len(shapes) > 1]
