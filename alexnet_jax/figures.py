@@ -188,9 +188,8 @@ def run(config, workdir: str, checkpoint: str, pool_size: int,
   save_png(conv1_grid(np.asarray(params['conv1']['kernel'])),
            os.path.join(out, 'conv1_kernels.png'))
 
-  shown = first(config, input_pipeline.source(config,
-                                                config.dataset.eval_split),
-                 PREDICTION_IMAGES)
+  eval_src = input_pipeline.source(config, config.dataset.eval_split)
+  shown = first(config, eval_src, PREDICTION_IMAGES)
   figure, tops = prediction_figure(config, params, names, shown['image'],
                                    shown['label'])
   save_png(figure, os.path.join(out, 'predictions.png'))

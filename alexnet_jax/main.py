@@ -113,7 +113,6 @@ def _run(mode: str, config, workdir: str) -> None:
   jobs[mode]()
 
 
-
 def _parse_flags(argv):
   """absl's parser, then the config loaded and checked.
 

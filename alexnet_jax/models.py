@@ -293,7 +293,6 @@ class AlexNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   grouped_convolutions: bool = False   # see TowerConv
 
-
   def _dropout(self, x: jax.Array, rng: jax.Array, local_tower: int):
     """Dropout whose mask depends on the example and tower, not the mesh.
 

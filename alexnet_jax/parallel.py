@@ -1,4 +1,4 @@
-"""Where the towers live and how they talk: the one place for cross-device traffic.
+"""Where the towers live and how they talk: every collective is written here.
 
 The 2012 network ran as two towers, one per GPU, that exchanged activations
 only before conv3, fc6, fc7 and fc8. Here the devices form a mesh with axes

@@ -156,7 +156,7 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   """A compiled `(state, batch) -> (state, metrics)` over `mesh`.
 
   The state is donated and keeps its shardings (`state_shardings`); the
-  batch is split over the batch axes (`parallel.shard_batch`). Gradients come from
+  batch is split over its axes (`parallel.shard_batch`). Gradients come from
   differentiating the mesh-wide loss, so the transposes of the tower
   all-gathers and the sum over 'data' are derived, not written by hand.
   """
