@@ -250,3 +250,24 @@ def test_a_batch_that_does_not_split_over_data_is_refused(tiny_config):
     mesh = parallel.make_mesh(tiny_config)
     parallel.check_batch(16, mesh, train.mesh_towers(tiny_config, mesh),
                          'batch_size')
+
+
+def test_hybrid_evaluation_sums_match_one_device(tiny_config):
+  """10 crops per example, batch split over (data, tower): the same sums."""
+  tiny_config.model.variant = 'one_tower_2014'
+  tiny_config.mesh.fc_model_parallel = True
+  rng = np.random.default_rng(2)
+  batch = {'image': rng.integers(0, 256, (8, 10, 64, 64, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, 8).astype(np.int32),
+           'mask': np.asarray([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+  params = jax.device_get(train.create_train_state(tiny_config).params)
+  sums = []
+  for data, tower in [(1, 1), (2, 2)]:
+    tiny_config.mesh.data, tiny_config.mesh.tower = data, tower
+    mesh = parallel.make_mesh(tiny_config)
+    eval_step = train.make_eval_step(tiny_config, mesh)
+    sums.append(jax.device_get(eval_step((params,), parallel.shard_batch(
+        batch, mesh, train.mesh_towers(tiny_config, mesh)))))
+  assert float(sums[0]['count']) == 6
+  for key in sums[0]:
+    np.testing.assert_allclose(sums[1][key], sums[0][key], rtol=1e-5)
