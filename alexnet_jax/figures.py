@@ -159,23 +159,30 @@ def first(config, src, count: int) -> dict[str, np.ndarray]:
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def prediction_figure(config, params, names, images: np.ndarray,
+def prediction_figure(probabilities_fn, params, names, images: np.ndarray,
                       labels: np.ndarray) -> tuple[np.ndarray, list[list]]:
-  """Figure 4 (left) for `images` (centre crops), and each one's top 5."""
-  probabilities = np.asarray(predict.probabilities_fn(
-      _centre_crop_config(config))(params, images))
+  """Figure 4 (left) for `images` (centre crops), and each one's top 5.
+
+  probabilities_fn: `predict.probabilities_fn(config)`, compiled once.
+  """
+  probabilities = np.asarray(probabilities_fn(params, images))
   tops = [predict.top5(p, names) for p in probabilities]
   panels = [prediction_panel(image, names[label], top)
             for image, label, top in zip(images, labels, tops)]
   return grid(panels, columns=4), tops
 
 
-def training_figures(config, params, names, shown) -> dict[str, np.ndarray]:
-  """The conv1 grid, and prediction panels for `shown` (from `first`)."""
-  predictions, _ = prediction_figure(config, params, names, shown['image'],
-                                     shown['label'])
-  return {'conv1_kernels': conv1_grid(np.asarray(params['conv1']['kernel'])),
-          'predictions': predictions}
+def training_figures(config, names, shown):
+  """params -> the conv1 grid, and prediction panels for `shown` (from
+  `first`); the network is compiled once, not at each call."""
+  probabilities_fn = predict.probabilities_fn(config)
+
+  def draw(params) -> dict[str, np.ndarray]:
+    predictions, _ = prediction_figure(probabilities_fn, params, names,
+                                       shown['image'], shown['label'])
+    return {'conv1_kernels': conv1_grid(np.asarray(params['conv1']['kernel'])),
+            'predictions': predictions}
+  return draw
 
 
 def run(config, workdir: str, checkpoint: str, pool_size: int,
@@ -190,8 +197,8 @@ def run(config, workdir: str, checkpoint: str, pool_size: int,
 
   eval_src = input_pipeline.source(config, config.dataset.eval_split)
   shown = first(config, eval_src, PREDICTION_IMAGES)
-  figure, tops = prediction_figure(config, params, names, shown['image'],
-                                   shown['label'])
+  figure, tops = prediction_figure(predict.probabilities_fn(config), params,
+                                   names, shown['image'], shown['label'])
   save_png(figure, os.path.join(out, 'predictions.png'))
 
   # Figure 4, right: fc7 of the queries against a sample of training images.

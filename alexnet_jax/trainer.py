@@ -66,7 +66,7 @@ def _tensorboard_figures(config, eval_src, class_names):
   shown = figures.first(config, eval_src, 4)
   names = tuple(class_names) + tuple(  # classes the dataset does not use
       f'class {i}' for i in range(len(class_names), config.model.num_classes))
-  return lambda params: figures.training_figures(config, params, names, shown)
+  return figures.training_figures(config, names, shown)
 
 
 def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
