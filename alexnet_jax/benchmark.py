@@ -22,6 +22,7 @@ TensorFlow: it runs on machines with only JAX.
 import io
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -45,14 +46,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WHAT = flags.DEFINE_enum('what', 'train_step',
                           ['train_step', 'input_pipeline', 'checkpoint'],
                           'What to time.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median counts.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Steps (batches) per timed repeat.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.',
+                               lower_bound=0)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median counts.',
+                                lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Steps (batches) per timed repeat.',
+                              lower_bound=1)
 _PHOTOS = flags.DEFINE_string(
     'photos', '', 'input_pipeline: WIDTHxHEIGHT of synthetic photo-like '
     'JPEGs to read instead of the config\'s dataset.')
+flags.register_validator(
+    'photos', lambda value: not value or re.fullmatch(r'[1-9]\d*x[1-9]\d*',
+                                                      value),
+    message='--photos takes WIDTHxHEIGHT in pixels, e.g. 500x375')
 _PHOTOS_COUNT = flags.DEFINE_integer('photos_count', 500,
-                                     'How many synthetic photos.')
+                                     'How many synthetic photos.',
+                                     lower_bound=1)
 _PREPARED = flags.DEFINE_bool('prepared', False,
                               'input_pipeline: read the photos\' 256-px copy.')
 flags.mark_flags_as_required(['config'])
@@ -242,7 +251,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
   try:
-    config_lib.validate(config)
     timings = (_WARMUP.value, _REPEATS.value, _STEPS.value)
     if _WHAT.value == 'train_step':
       result = time_train_step(config, *timings)
@@ -258,4 +266,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -4,11 +4,18 @@ Saves are asynchronous and atomic (Orbax writes to a temporary folder and
 renames it), so a crash during a save leaves the previous one restorable.
 The last `keep` checkpoints are kept, and also the one with the lowest
 evaluation top-1 error, whose metrics are saved with it.
+
+Orbax does not check what it reads back, so each finished checkpoint is
+sealed with the size and CRC-32 of every file in it (checksums.json), and
+checked against them before it is used. Training resumes from the newest
+checkpoint that passes, setting damaged ones aside as STEP.damaged;
+evaluation refuses a damaged one.
 """
 
 import json
 import logging
 import os
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -29,8 +36,16 @@ logging.getLogger('absl').addFilter(
                            for w in _EXPECTED_WARNINGS))
 
 
+CHECKSUM_FILE = 'checksums.json'
+DAMAGED_SUFFIX = '.damaged'
+
+
 class CheckpointError(errors.UserError):
   """A checkpoint is missing or does not fit; the message says how to fix it."""
+
+
+class DamagedCheckpoint(CheckpointError):
+  """A checkpoint's files are not what was saved (or cannot be read)."""
 
 
 def directory(workdir: str) -> str:
@@ -68,12 +83,110 @@ def manager(workdir: str, keep: Optional[int] = None,
                      'config': ocp.JsonCheckpointHandler()})
 
 
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+# The items whose bytes are checked: what a restore reads. Orbax may rewrite
+# its own metadata files at the top of a step folder.
+_CHECKED_ITEMS = ('state', 'config')
+
+
+def _file_checksums(folder: str) -> dict[str, list[int]]:
+  """[size, CRC-32] of every file of the checked items under folder."""
+  sums = {}
+  for item in _CHECKED_ITEMS:
+    for root, _, names in os.walk(os.path.join(folder, item)):
+      for name in names:
+        path = os.path.join(root, name)
+        crc = 0
+        with open(path, 'rb') as f:
+          while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+        sums[os.path.relpath(path, folder)] = [os.path.getsize(path), crc]
+  return sums
+
+
+def _seal_finished(mngr: ocp.CheckpointManager) -> None:
+  """Write the checksums of each finished checkpoint that has none yet."""
+  if jax.process_index() != 0:
+    return
+  for step in mngr.all_steps():
+    folder = _step_dir(mngr, step)
+    target = os.path.join(folder, CHECKSUM_FILE)
+    if os.path.isdir(folder) and not os.path.exists(target):
+      sums = _file_checksums(folder)
+      with open(target + '.tmp', 'w') as f:
+        json.dump(sums, f)
+      os.replace(target + '.tmp', target)
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Wait for the save in progress, then seal every finished checkpoint."""
+  mngr.wait_until_finished()
+  _seal_finished(mngr)
+
+
+def verify(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Raise DamagedCheckpoint unless checkpoint `step`'s files are as saved.
+
+  A checkpoint saved just before a crash may not be sealed yet; it is only
+  checked for being readable, by the restore.
+  """
+  folder = _step_dir(mngr, step)
+  seal = os.path.join(folder, CHECKSUM_FILE)
+  if not os.path.exists(seal):
+    if not os.path.isdir(folder) or not os.listdir(folder):
+      raise DamagedCheckpoint(f'checkpoint {step} in {mngr.directory} is '
+                              f'empty')
+    return
+  try:
+    with open(seal) as f:
+      expected = json.load(f)
+  except ValueError as e:
+    raise DamagedCheckpoint(f'checkpoint {step} in {mngr.directory} has a '
+                            f'damaged {CHECKSUM_FILE}') from e
+  found = _file_checksums(folder)
+  for name in sorted(set(expected) | set(found)):
+    if name not in found:
+      problem = 'is missing'
+    elif name not in expected:
+      problem = 'was not there when it was saved'
+    elif found[name][0] != expected[name][0]:
+      problem = (f'has {found[name][0]} bytes where {expected[name][0]} were '
+                 f'saved')
+    elif found[name][1] != expected[name][1]:
+      problem = 'does not match the checksum saved with it'
+    else:
+      continue
+    raise DamagedCheckpoint(f'checkpoint {step} in {mngr.directory} is '
+                            f'damaged: {name} {problem}')
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Move a damaged checkpoint out of Orbax's sight, keeping its bytes."""
+  folder = _step_dir(mngr, step)
+  target = folder + DAMAGED_SUFFIX
+  suffix = 1
+  while os.path.exists(target):
+    suffix += 1
+    target = f'{folder}{DAMAGED_SUFFIX}{suffix}'
+  if jax.process_index() == 0:
+    os.rename(folder, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+  mngr.reload()
+  return target
+
+
 def save(mngr: ocp.CheckpointManager, state, config,
          eval_metrics: Optional[dict[str, float]] = None) -> None:
   """Start an asynchronous save of `state` at its step.
 
   eval_metrics, when the state was just evaluated, rank it for 'best'.
   """
+  _seal_finished(mngr)
   mngr.save(int(state.step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(json.loads(config.to_json()))),
@@ -103,12 +216,30 @@ def find_step(mngr: ocp.CheckpointManager, which: str = 'latest') -> int:
   return int(which)
 
 
+def _read(mngr: ocp.CheckpointManager, step: int, what: str, read):
+  """read(), with any failure to read checkpoint `step` as DamagedCheckpoint.
+
+  Orbax reports unreadable files in many types (OSError, ValueError,
+  TensorStore's errors), none of which the caller can act on differently.
+  """
+  try:
+    return read()
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else (
+        type(e).__name__)
+    raise DamagedCheckpoint(f'checkpoint {step} in {mngr.directory} is '
+                            f'damaged: its {what} cannot be read ({reason})'
+                            ) from e
+
+
 def check_config(mngr: ocp.CheckpointManager, step: int, config,
                  only: Optional[tuple] = None, ignore: tuple = ()) -> None:
   """Refuse a config that differs from the one checkpoint `step` was made
   with, naming the keys (see config.changes for only and ignore)."""
-  stored = mngr.restore(step, args=ocp.args.Composite(
-      config=ocp.args.JsonRestore())).config
+  stored = _read(mngr, step, 'config', lambda: mngr.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
   changed = config_lib.changes(stored, config, only=only, ignore=ignore)
   if changed:
     raise CheckpointError(
@@ -130,7 +261,8 @@ def _shapes(tree) -> dict[str, tuple]:
 
 def _check_shapes(mngr: ocp.CheckpointManager, step: int, abstract_state):
   """Compare shapes before restoring: a failed Orbax restore floods stderr."""
-  stored = _shapes(mngr.item_metadata(step)['state'])
+  stored = _shapes(_read(mngr, step, 'metadata',
+                         lambda: mngr.item_metadata(step)['state']))
   wanted = _shapes(abstract_state)
   # Parameters first: they name the layer that differs.
   for key in sorted(set(stored) | set(wanted),
@@ -144,7 +276,10 @@ def _check_shapes(mngr: ocp.CheckpointManager, step: int, abstract_state):
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int):
-  """The state at `step`, shaped and sharded like `abstract_state`."""
+  """The state at `step`, shaped and sharded like `abstract_state`, after
+  checking its files (raises DamagedCheckpoint)."""
+  verify(mngr, step)
   _check_shapes(mngr, step, abstract_state)
-  return mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state))).state
+  return _read(mngr, step, 'state', lambda: mngr.restore(
+      step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state))).state)

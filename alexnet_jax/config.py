@@ -4,11 +4,16 @@ Config files in configs/ start from `default()` and change a few fields, so
 every run has every key and a mistyped override fails at once.
 """
 
+import importlib.util
 import json
+import math
 import os
+import sys
 from typing import Any, Optional
 
 import ml_collections
+
+from alexnet_jax import errors
 
 # The released 2012 code's per-channel ImageNet mean and RGB PCA (0-255 units).
 IMAGENET_MEAN_RGB = (127.3, 119.7, 104.9)
@@ -140,9 +145,91 @@ def changes(stored: dict[str, Any], config, only: Optional[tuple] = None,
   return differing
 
 
+def _config_file_problem(path: str) -> Optional[str]:
+  """What is wrong with the config file itself, or None if it loads."""
+  path = path.split(':')[0] if not os.path.exists(path) else path
+  if not os.path.isfile(path):
+    return f'--config={path}: no such file'
+  try:
+    spec = importlib.util.spec_from_file_location('_checked_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    where = (f' (line {e.lineno})' if isinstance(e, SyntaxError) and e.lineno
+             else '')
+    return (f'config file {path} fails to load{where}: '
+            f'{type(e).__name__}: {e}')
+  if not callable(getattr(module, 'get_config', None)):
+    return (f'config file {path} has no get_config(): define one that '
+            f'returns a ConfigDict (see configs/)')
+  try:
+    config = module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    return f'config file {path}: get_config() fails: {type(e).__name__}: {e}'
+  if not isinstance(config, ml_collections.ConfigDict):
+    return (f'config file {path}: get_config() returns a '
+            f'{type(config).__name__}, not a ConfigDict: start from '
+            f'alexnet_jax.config.default() as configs/ do')
+  missing = sorted(set(_flatten(default().to_dict()))
+                   - set(_flatten(config.to_dict())))
+  if missing:
+    return (f'config file {path} lacks keys {", ".join(missing[:5])}: start '
+            f'from alexnet_jax.config.default() as configs/ do')
+  return None
+
+
+def _config_path(argv: list[str]) -> Optional[str]:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flags with --config loaded and validated, for main and benchmark.
+
+  A bad flag, config file, override or value becomes a one-line error (exit
+  status 2) before anything is written.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    remaining = flags.FLAGS(argv)
+    if flags.FLAGS['config'].present:
+      validate(flags.FLAGS['config'].value)  # loading is lazy: force it here
+    return remaining
+  except Exception as e:  # pylint: disable=broad-except
+    path = _config_path(argv)
+    message = _config_file_problem(path) if path else None
+    if message is None and isinstance(e, (flags.Error, errors.UserError)):
+      message = str(e)
+    elif message is None:
+      # An override; ml_collections quotes its messages twice.
+      text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+      text = text.replace("\\'", '').replace('\\n', ' ').strip('\'')
+      message = f'bad --config.KEY=VALUE override: {text}'
+  errors.exit_with_error(message, 2)
+
+
+def _get(config, key: str):
+  for part in key.split('.'):
+    config = getattr(config, part)
+  return config
+
+
+def _check_range(config, keys: tuple[str, ...], low: float, high: float,
+                 low_allowed: bool, what: str) -> None:
+  for key in keys:
+    value = _get(config, key)
+    if not (isinstance(value, (int, float)) and math.isfinite(value)
+            and (low <= value if low_allowed else low < value)
+            and value < high):
+      raise errors.UserError(f'{key}={value} must be {what}')
+
+
 def validate(config) -> None:
   """Reject values no part of the program can use, naming the key to fix."""
-  from alexnet_jax import errors  # pylint: disable=g-import-not-at-top
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top
   choices = {
       'model.variant': (config.model.variant, tuple(models.VARIANTS)),
@@ -163,6 +250,25 @@ def validate(config) -> None:
   if config.dataset.mean == 'per_pixel' and not stats_file:
     raise errors.UserError('dataset.mean=per_pixel needs the mean image: run '
                            '--mode=stats and set --config.dataset.stats_file')
+  _check_range(config, ('batch_size', 'eval.batch_size', 'log_every_steps',
+                         'keep_checkpoints', 'learning_rate', 'model.width',
+                         'model.num_classes', 'resize_size',
+                         'plateau.patience'),
+               0, math.inf, False, 'a number above 0')
+  _check_range(config, ('momentum', 'model.dropout_rate'), 0, 1, True,
+               'at least 0 and below 1')
+  _check_range(config, ('weight_decay', 'warmup_epochs',
+                         'dataset.lighting_std'),
+               0, math.inf, True, 'a number of 0 or more')
+  if config.num_train_steps <= 0 and config.num_train_steps != -1:
+    raise errors.UserError(f'num_train_steps={config.num_train_steps}: give a '
+                           f'number of steps above 0, or -1 for num_epochs')
+  if config.num_train_steps == -1:
+    _check_range(config, ('num_epochs',), 0, math.inf, False,
+                 'a number above 0 (or set num_train_steps)')
+  if config.mesh.data != -1 and config.mesh.data < 1:
+    raise errors.UserError(f'mesh.data={config.mesh.data}: give a number of '
+                           f'devices, or -1 for all that are left')
   if config.image_size < 64:
     raise errors.UserError(f'image_size={config.image_size} is too small: '
                            f'AlexNet needs at least 64 pixels')

@@ -11,10 +11,6 @@ from typing import Optional
 
 import jax
 
-# How long a process may go silent before the others give up on it: when one
-# dies, the rest stop within about this long instead of waiting forever.
-HEARTBEAT_TIMEOUT_S = 20
-
 _SCHEDULER_PROCESS_COUNTS = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 
 
@@ -26,11 +22,15 @@ def launched_by_scheduler() -> bool:
 
 def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
+               process_id: Optional[int] = None,
+               heartbeat_timeout_s: int = 100) -> None:
   """Start jax.distributed when this is one of several processes.
 
   mode: 'auto' (when given a coordinator or started by SLURM / Open MPI),
   'on' (always: Cloud TPU pods and other environments JAX detects) or 'off'.
+  heartbeat_timeout_s: how long a process may go silent before the others
+  give up on it, so that when one dies the rest stop instead of waiting
+  forever.
   """
   if mode == 'off' or (mode == 'auto' and coordinator_address is None
                        and not launched_by_scheduler()):
@@ -39,4 +39,4 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
-      process_id=process_id, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+      process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)

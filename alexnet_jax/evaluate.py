@@ -21,7 +21,8 @@ def evaluate_params(config, mesh, eval_step, members: tuple,
   any files screened out as undecodable.
   """
   totals, towers = None, train.mesh_towers(config, mesh)
-  for batch in input_pipeline.eval_batches(config, src):
+  global_batch = parallel.padded_batch(config.eval.batch_size, mesh, towers)
+  for batch in input_pipeline.eval_batches(config, src, global_batch):
     sums = eval_step(members, parallel.shard_batch(batch, mesh, towers))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
@@ -33,10 +34,17 @@ def restore_params(config, mesh, spec: str, allow_config_change: bool):
   workdir, _, which = spec.partition('@')
   mngr = checkpoints.manager(workdir, read_only=True)
   step = checkpoints.find_step(mngr, which or 'latest')
-  if not allow_config_change:
-    checkpoints.check_config(mngr, step, config, only=config_lib.NETWORK_KEYS)
-  state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh),
-                              step)
+  try:
+    if not allow_config_change:
+      checkpoints.check_config(mngr, step, config,
+                               only=config_lib.NETWORK_KEYS)
+    state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh),
+                                step)
+  except checkpoints.DamagedCheckpoint as e:
+    others = [s for s in mngr.all_steps() if s != step]
+    raise checkpoints.DamagedCheckpoint(
+        f'{e}: it is not used. Choose another with --checkpoint=STEP '
+        f'(steps there: {others or "none"})') from e
   return state.params, step
 
 
@@ -51,8 +59,6 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   at the checkpoint's step.
   """
   mesh = parallel.make_mesh(config)
-  parallel.check_batch(config.eval.batch_size, mesh,
-                       train.mesh_towers(config, mesh), 'eval.batch_size')
   specs = (f'{workdir}@{checkpoint}', *ensemble)
   params, steps = zip(*[restore_params(config, mesh, spec, allow_config_change)
                         for spec in specs])

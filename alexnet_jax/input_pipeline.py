@@ -359,14 +359,15 @@ def train_dataset(config, src: Source, start_step: int = 0) -> tf.data.Dataset:
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_batches(config, src: Source) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(config, src: Source,
+                 global_batch: int) -> Iterator[dict[str, np.ndarray]]:
   """Every example of this process's share exactly once, in full batches.
 
   Padding fills the last batch, and whole batches where this process has
   fewer examples than another, so every process runs the same number of
   steps; 'mask' is 1 for real examples only.
   """
-  batch = process_batch_size(config.eval.batch_size)
+  batch = process_batch_size(global_batch)
   most_per_process = -(-src.num_examples // jax.process_count())
   num_batches = -(-most_per_process // batch)
   ds = src.examples.map(lambda x, y: augment.eval_example(config, x, y),

@@ -17,6 +17,7 @@
 Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
 
+import errno
 import os
 import sys
 
@@ -72,8 +73,16 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index, 0 to num_processes-1.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout_s', 100,
+    'Multi-process runs: how long a silent process is waited for before the '
+    'others stop (JAX\'s default).', lower_bound=1)
 flags.mark_flags_as_required(['config', 'workdir'])
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+# Modes that write checkpoints or a dataset: one job at a time per workdir.
+_LOCKING_MODES = ('train', 'prepare', 'stats')
 
 
 def _run(mode: str, config, workdir: str) -> None:
@@ -84,13 +93,21 @@ def _run(mode: str, config, workdir: str) -> None:
   from alexnet_jax import figures
   from alexnet_jax import predict
   from alexnet_jax import trainer
+  from alexnet_jax import workdir as workdir_lib
   if mode != 'eval' and _ENSEMBLE.value:
     raise errors.UserError('--ensemble is for --mode=eval')
-  if mode in ('train', 'prepare', 'stats') and _CHECKPOINT.present:
+  if mode in _LOCKING_MODES and _CHECKPOINT.present:
     raise errors.UserError(f'--checkpoint is not for --mode={mode}: use it '
                            f'with eval, predict, figures or export')
   if mode == 'predict' and not _IMAGES.value:
     raise errors.UserError('--mode=predict needs --images=FILE_OR_FOLDER,...')
+  if mode != 'figures' and _FIGURE_POOL.present:
+    raise errors.UserError('--figure_pool is for --mode=figures')
+  if _FIGURE_POOL.value <= 0:
+    raise errors.UserError(f'--figure_pool={_FIGURE_POOL.value}: give a '
+                           f'number of training images above 0')
+  if mode == 'export' and _EXPORT_DIR.value:
+    workdir_lib.check(_EXPORT_DIR.value)
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value),
@@ -110,30 +127,20 @@ def _run(mode: str, config, workdir: str) -> None:
           config, workdir, _CHECKPOINT.value, _EXPORT_DIR.value,
           _ALLOW_CONFIG_CHANGE.value),
   }
-  jobs[mode]()
+  if mode in _LOCKING_MODES:
+    with workdir_lib.locked(workdir) as path:
+      workdir = path
+      jobs[mode]()
+  else:
+    workdir = workdir_lib.check(workdir, writable=mode != 'predict')
+    jobs[mode]()
 
 
-def _parse_flags(argv):
-  """absl's parser, then the config loaded and checked.
-
-  A bad flag, config file, override or value becomes a one-line error
-  before anything is written.
-  """
-  try:
-    argv = flags.FLAGS(argv)
-    if flags.FLAGS['config'].present:
-      config_lib.validate(_CONFIG.value)  # loading is lazy: force it here
-    return argv
-  except (flags.Error, errors.UserError) as e:
-    message = str(e)
-  except OSError as e:
-    message = f'cannot load --config: {e}'
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections reports unknown keys this way, its message quoted twice.
-    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    text = text.replace("\\'", '').replace('\\n', ' ').strip('\'')
-    message = f'bad --config.KEY=VALUE override: {text}'
-  errors.exit_with_error(message, 2)
+def _hide_gpus_from_tensorflow() -> None:
+  """tf.data runs on the CPU; a full `tensorflow` install would otherwise
+  take GPU memory that JAX needs."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
 
 
 def main(argv):
@@ -145,15 +152,25 @@ def main(argv):
   from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
+    _hide_gpus_from_tensorflow()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
-                           _NUM_PROCESSES.value, _PROCESS_ID.value)
+                           _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _HEARTBEAT_TIMEOUT.value)
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)
   except preemption.Stopped as e:
     print(e, file=sys.stderr, flush=True)
-    sys.exit(preemption.EXIT_STATUS)
+    sys.exit(e.exit_status)
+  except KeyboardInterrupt:
+    errors.exit_with_error('interrupted before training started or after it '
+                           'ended: nothing more was saved', 130)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    errors.exit_with_error(f'the disk is full ({e.filename or e}): free some '
+                           f'space, then run the same command again', 1)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -22,6 +22,34 @@ class MetricWriter:
     self._summaries = {}
     self._workdir = workdir
 
+  def mark_replayed(self, step: int, splits=('train', 'eval')) -> None:
+    """Mark the points of `splits` after `step` as "replayed": true.
+
+    A run that resumes at `step` computes those steps again; the earlier
+    points came from a stretch of training whose checkpoint was never kept.
+    They stay in the file, marked, so that nothing is lost and a reader can
+    leave them out.
+    """
+    if not self._active or not os.path.exists(self._path):
+      return
+    with open(self._path) as f:
+      lines = f.readlines()
+    changed = False
+    for i, line in enumerate(lines):
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue   # a line cut short by a crash
+      if (record.get('split') in splits and record.get('step', 0) > step
+          and not record.get('replayed')):
+        record['replayed'] = True
+        lines[i] = json.dumps(record) + '\n'
+        changed = True
+    if changed:
+      with open(self._path + '.tmp', 'w') as f:
+        f.writelines(lines)
+      os.replace(self._path + '.tmp', self._path)
+
   def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
     if not self._active:
       return

@@ -186,6 +186,17 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, towers: Towers,
         f'shards: make it a multiple of {shards}')
 
 
+def padded_batch(batch_size: int, mesh: jax.sharding.Mesh,
+                 towers: Towers) -> int:
+  """batch_size rounded up to split evenly over the devices that share it.
+
+  For evaluation, where a batch holds any number of real examples (the rest
+  are masked), so a config runs unchanged on any number of devices.
+  """
+  shards = math.prod(mesh.shape[a] for a in towers.batch_axes)
+  return -(-batch_size // shards) * shards
+
+
 def param_spec(path, leaf, towers: Towers, per_tower_layers: frozenset[str],
                fc_layers: frozenset[str]) -> P:
   """How one parameter (or its gradient, momentum) is split over the mesh.

@@ -1,7 +1,9 @@
 """The training loop: data in, steps, logs, evaluations and checkpoints out."""
 
+import os
 import time
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -23,7 +25,7 @@ class NonFiniteLossError(errors.UserError):
 
 
 def _diverged(mngr, what: str, step: int) -> NonFiniteLossError:
-  mngr.wait_until_finished()
+  checkpoints.finish(mngr)
   kept = mngr.latest_step()
   kept = ('no checkpoint was saved yet' if kept is None else
           f'the last good checkpoint, step {kept}, is kept in {mngr.directory}')
@@ -36,25 +38,77 @@ def _every(config_value: int, default: int) -> int:
   return default if config_value <= 0 else config_value
 
 
-def _log_progress(step, total, metrics, images_per_sec, started):
-  elapsed = time.time() - started
-  eta = '?' if step == 0 else f'{elapsed / step * (total - step) / 60:.1f} min'
+def eta_text(remaining_steps: int, train_seconds: float,
+             timed_steps: int) -> str:
+  """The time left at the rate this process has trained at, leaving out its
+  compilation and evaluations ('?' before a step has been timed)."""
+  if timed_steps <= 0:
+    return '?'
+  return f'{remaining_steps * train_seconds / timed_steps / 60:.1f} min'
+
+
+def _log_progress(step, total, metrics, images_per_sec, eta):
   metric_writer.report(
       f'step {step}/{total}: loss {metrics["loss"]:.4f}, top1_error '
       f'{metrics["top1_error"]:.3f}, lr {metrics["learning_rate"]:.2g}, '
       f'{images_per_sec:.0f} images/sec, ETA {eta}')
 
 
+def _check_memory(config, mesh) -> None:
+  """Refuse a network whose parameters and optimizer state cannot fit.
+
+  A step holds the state, its gradients and the updated state: about three
+  times the state's bytes on each device (split over 'tower' where the
+  layers are). Activations come on top, so this only catches what surely
+  fails, such as an image_size whose fc6 grows past memory.
+  """
+  shapes = jax.eval_shape(lambda: train.create_train_state(config))
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  per_device = 3 * state_bytes / mesh.shape[parallel.TOWER]
+  device = mesh.devices.flat[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and 'bytes_limit' in stats:
+    needed, available = per_device, stats['bytes_limit']
+    where = f'each {device.platform.upper()} has'
+  else:  # CPU devices share the host's memory
+    needed = per_device * len([d for d in mesh.devices.flat
+                               if d.process_index == jax.process_index()])
+    available = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    where = 'this machine has'
+  if needed > available:
+    raise errors.UserError(
+        f'{config.model.variant} at image_size={config.image_size} and '
+        f'model.width={config.model.width} has {state_bytes / 2 / 1e9:.1f} GB '
+        f'of parameters and momentum; training needs about '
+        f'{needed / 1e9:.1f} GB but {where} {available / 1e9:.1f} GB: lower '
+        f'image_size or model.width')
+
+
+def _write_config(config, workdir: str) -> None:
+  """The run's config as JSON, written first thing, so that a run killed
+  before its first checkpoint still says what it was."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json(indent=1))
+    os.replace(path + '.tmp', path)
+
+
 def _resume_or_start(config, mesh, mngr, allow_config_change: bool):
-  """The latest checkpoint's state, or the initial one if there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return train.create_sharded_train_state(config, mesh)
-  if not allow_config_change:
-    checkpoints.check_config(mngr, step, config,
-                             ignore=config_lib.MAY_CHANGE_ON_RESUME)
-  return checkpoints.restore(mngr, train.abstract_train_state(config, mesh),
-                             step)
+  """The newest intact checkpoint's state, or the initial one if there is
+  none. Damaged checkpoints are set aside, with a warning."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      if not allow_config_change:
+        checkpoints.check_config(mngr, step, config,
+                                 ignore=config_lib.MAY_CHANGE_ON_RESUME)
+      return checkpoints.restore(
+          mngr, train.abstract_train_state(config, mesh), step)
+    except checkpoints.DamagedCheckpoint as e:
+      moved = checkpoints.set_aside(mngr, step)
+      logging.warning('%s; moved to %s, resuming from an earlier one', e,
+                      moved)
+  return train.create_sharded_train_state(config, mesh)
 
 
 def _tensorboard_figures(config, eval_src, class_names):
@@ -113,19 +167,30 @@ def train_and_evaluate(config, workdir: str,
   mesh = parallel.make_mesh(config)
   towers = train.mesh_towers(config, mesh)
   parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
-  parallel.check_batch(config.eval.batch_size, mesh, towers, 'eval.batch_size')
+  _check_memory(config, mesh)
+  _write_config(config, workdir)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   state = _resume_or_start(config, mesh, mngr, allow_config_change)
+  step = int(state.step)
+  if step > total_steps:
+    raise errors.UserError(
+        f'the checkpoint in {mngr.directory} is at step {step}, past '
+        f'num_train_steps={total_steps}: raise --config.num_train_steps (or '
+        f'num_epochs) to train on, or evaluate it with --mode=eval')
+  if step == total_steps:
+    metric_writer.report(f'the checkpoint in {mngr.directory} is at step '
+                         f'{step} of {total_steps}: training is complete')
+    return state
   train_step = train.make_train_step(config, mesh, steps_per_epoch)
   eval_step = train.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
+  writer.mark_replayed(step)
   figures_of = _tensorboard_figures(config, eval_src, train_src.class_names)
 
-  step = int(state.step)
   batches = input_pipeline.train_dataset(
       config, train_src, start_step=step).as_numpy_iterator()
   pending, last_log_time, last_log_step = [], time.time(), step
-  started = time.time()
+  train_seconds, timed_steps, past_compilation = 0.0, 0, False
   metric_writer.report(
       f'training {config.model.variant} for {total_steps} steps '
       f'({steps_per_epoch} per epoch) from step {step} on mesh '
@@ -146,9 +211,15 @@ def train_and_evaluate(config, workdir: str,
         now = time.time()
         images_per_sec = ((step - last_log_step) * config.batch_size
                           / (now - last_log_time))
+        if past_compilation:  # the first interval includes compiling
+          train_seconds += now - last_log_time
+          timed_steps += step - last_log_step
+        past_compilation = True
         last_log_time, last_log_step = now, step
         writer.write(step, 'train', dict(means, images_per_sec=images_per_sec))
-        _log_progress(step, total_steps, means, images_per_sec, started)
+        _log_progress(step, total_steps, means, images_per_sec,
+                      eta_text(total_steps - step, train_seconds,
+                               timed_steps))
       eval_metrics = None
       if step % eval_every == 0 or step == total_steps:
         # Finish the queued train steps first, so their time stays in the
@@ -165,9 +236,10 @@ def train_and_evaluate(config, workdir: str,
           raise _diverged(mngr, 'the parameters became non-finite', step)
         checkpoints.save(mngr, state, config, eval_metrics)
       if stopping and step < total_steps:
-        mngr.wait_until_finished()
+        checkpoints.finish(mngr)
         raise preemption.Stopped(
             f'stopped at step {step} on request; its checkpoint is saved in '
-            f'{mngr.directory}: run the same command to resume')
-  mngr.wait_until_finished()
+            f'{mngr.directory}: run the same command to resume',
+            stop_requests.exit_status)
+  checkpoints.finish(mngr)
   return state

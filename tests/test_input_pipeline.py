@@ -63,7 +63,7 @@ def test_train_batches_have_the_contract_shapes(tiny_config):
 
 def test_eval_counts_every_example_once_with_a_padded_last_batch(tiny_config):
   src = input_pipeline.source(tiny_config, 'validation')
-  batches = list(input_pipeline.eval_batches(tiny_config, src))
+  batches = list(input_pipeline.eval_batches(tiny_config, src, 7))
   assert src.num_examples == 30
   assert len(batches) == 5                       # 7 + 7 + 7 + 7 + 2
   assert all(b['image'].shape[0] == 7 for b in batches)
@@ -162,8 +162,8 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   batches = _batches(tiny_config, src, 0, 2)
   assert all(b['image'].shape == (7, 64, 64, 3) for b in batches)
   eval_src = input_pipeline.source(tiny_config, 'validation')
-  masks = [b['mask'] for b in input_pipeline.eval_batches(tiny_config,
-                                                          eval_src)]
+  masks = [b['mask'] for b in input_pipeline.eval_batches(
+      tiny_config, eval_src, tiny_config.eval.batch_size)]
   assert sum(m.sum() for m in masks) == 7 and len(masks) == 2
   # The screening result is kept: a second look decodes nothing and logs
   # nothing.

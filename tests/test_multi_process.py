@@ -88,7 +88,8 @@ def _read_until(process, prefix: str) -> None:
 def _long_run_flags(data_dir, workdir):
   return [*tiny_flags(data_dir, eval_batch=8), f'--workdir={workdir}',
           *MESH_2X2, '--config.num_train_steps=400',
-          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1']
+          '--config.checkpoint_every_steps=2', '--config.log_every_steps=1',
+          '--heartbeat_timeout_s=20']  # JAX's 100 s would slow the tests
 
 
 def _saved_steps(workdir) -> list[int]:
