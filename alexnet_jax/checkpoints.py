@@ -15,6 +15,7 @@ evaluation refuses a damaged one.
 import json
 import logging
 import os
+import shutil
 import zlib
 from typing import Any, Optional
 
@@ -180,13 +181,31 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   return target
 
 
+def _check_room(mngr: ocp.CheckpointManager, state) -> None:
+  """A clear error before a save that cannot fit on the disk (Orbax's own
+  is hundreds of lines from its writer threads)."""
+  needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  needed = int(needed * 1.05) + (1 << 20)  # Orbax's metadata and chunking
+  free = shutil.disk_usage(str(mngr.directory)).free
+  if free < needed:
+    kept = mngr.latest_step()
+    kept = (f'checkpoint {kept} is kept' if kept is not None
+            else 'no checkpoint was saved yet')
+    raise errors.UserError(
+        f'the disk holding {mngr.directory} is full: a checkpoint needs about '
+        f'{needed / 1e6:.0f} MB and {free / 1e6:.0f} MB are free; {kept}. '
+        f'Free some space, then run the same command to resume')
+
+
 def save(mngr: ocp.CheckpointManager, state, config,
          eval_metrics: Optional[dict[str, float]] = None) -> None:
   """Start an asynchronous save of `state` at its step.
 
   eval_metrics, when the state was just evaluated, rank it for 'best'.
+  Refuses, naming the step kept, when the disk has no room for it.
   """
-  _seal_finished(mngr)
+  finish(mngr)
+  _check_room(mngr, state)
   mngr.save(int(state.step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(json.loads(config.to_json()))),

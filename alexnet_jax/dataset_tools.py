@@ -36,8 +36,23 @@ def _summed_over_processes(value: np.ndarray) -> np.ndarray:
                 dtype=np.float64)
 
 
+def check_output(config, out_dir: str) -> None:
+  """Refuse to write the copy into the folder dataset it copies, which
+  would grow the dataset with its own copy."""
+  name = config.dataset.name
+  if not name.startswith('folder:'):
+    return
+  source_root = os.path.realpath(name[len('folder:'):])
+  out_real = os.path.realpath(out_dir)
+  if out_real == source_root or out_real.startswith(source_root + os.sep):
+    raise errors.UserError(
+        f'--workdir={out_dir} is inside the dataset it would copy '
+        f'({source_root}): give a folder outside it')
+
+
 def prepare(config, out_dir: str) -> None:
   """Write the train and eval splits to out_dir at resize_size."""
+  check_output(config, out_dir)
   manifest_path = os.path.join(out_dir, 'manifest.json')
   if os.path.exists(manifest_path):
     raise errors.UserError(f'{out_dir} already holds a prepared copy: train '

@@ -19,6 +19,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import tarfile
+import zlib
 from typing import Callable, Iterator, Optional
 
 from absl import logging
@@ -43,7 +46,8 @@ class DatasetError(errors.UserError):
 class Source:
   """One split's encoded examples, as this process reads them."""
   examples: tf.data.Dataset  # this process's share: (image bytes, int64
-                             # label), every process_count-th example
+                             # label), every process_count-th example of a
+                             # folder, an even part of TFDS records
   num_local: int             # examples in this process's share
   num_examples: int          # in the whole split, over all processes
   class_names: tuple[str, ...]
@@ -102,26 +106,46 @@ def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
           for i, j, c, ch in ds.as_numpy_iterator()}
 
 
-def screen(paths: list[str], cache_dir: str) -> list[bool]:
-  """Which files can be decoded; each bad or repaired file is logged.
+def _unreadable(path: str) -> Optional[str]:
+  """Why the file cannot be read at all (permissions, a dangling symlink or
+  a loop, an I/O error), or None. Such a file may be fixed without its
+  size or time changing, so it is checked again on every run."""
+  try:
+    with open(path, 'rb') as f:
+      f.read(1)
+  except OSError as e:
+    return (e.strerror or str(e)).lower()
+  return None
 
-  The result is kept in cache_dir, keyed by the files' names, sizes and
-  times, so a dataset is decoded in full once, not on every run.
-  """
-  fingerprint = hashlib.sha256()
-  for path in paths:
-    st = os.stat(path)
-    fingerprint.update(f'{path}\t{st.st_size}\t{st.st_mtime_ns}\n'.encode())
-  cache = os.path.join(cache_dir, 'screened',
-                       fingerprint.hexdigest()[:32] + '.json')
-  if os.path.exists(cache):
-    with open(cache) as f:
-      bad = set(json.load(f)['bad'])
-    return [path not in bad for path in paths]
+
+def _decode_failure(path: str) -> str:
+  """Why a readable file failed to decode, in TensorFlow's words."""
+  try:
+    augment.decode_window(tf.io.read_file(path), 256, 0, 0, 256)
+  except tf.errors.OpError as e:
+    message = e.message.splitlines()[0] if e.message else type(e).__name__
+    # TensorFlow wraps the reason in the names of its graph and op.
+    return re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*$', '', message)
+  return 'not a decodable image'
+
+
+def _screen_now(paths: list[str]) -> tuple[list[str], list[str]]:
+  """(files that fail to decode, files that cannot be read), each logged
+  with its reason; repaired files are logged too."""
+  if not paths:
+    return [], []
   kinds = _screen_file_kinds(paths)
-  bad = [p for i, p in enumerate(paths) if i not in kinds]
-  for path in bad:
-    logging.warning('skipping %s: not a decodable image', path)
+  bad, unreadable = [], []
+  for i, path in enumerate(paths):
+    if i in kinds:
+      continue
+    reason = _unreadable(path)
+    if reason is None:
+      reason = _decode_failure(path)
+      bad.append(path)
+    else:
+      unreadable.append(path)
+    logging.warning('skipping %s: %s', path, reason)
   repairs = {
       'truncated JPEG, missing part filled grey':
           [p for i, p in enumerate(paths) if i in kinds and kinds[i][0]
@@ -136,17 +160,51 @@ def screen(paths: list[str], cache_dir: str) -> list[bool]:
   for what, repaired in repairs.items():
     for path in repaired:
       logging.warning('repaired %s: %s', path, what)
-  if bad or any(repairs.values()):
+  if bad or unreadable or any(repairs.values()):
     logging.warning('checked %d files: %d skipped, %d repaired', len(paths),
-                    len(bad), sum(map(len, repairs.values())))
+                    len(bad) + len(unreadable),
+                    sum(map(len, repairs.values())))
+  return bad, unreadable
+
+
+def _file_key(path: str) -> str:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return f'{path}\tunreadable\n'
+  return f'{path}\t{st.st_size}\t{st.st_mtime_ns}\n'
+
+
+def screen(paths: list[str], cache_dir: str) -> list[bool]:
+  """Which files can be decoded; each bad, unreadable or repaired file is
+  logged with the reason.
+
+  Files that do not decode are kept in cache_dir, keyed by the files' names,
+  sizes and times, so a dataset is decoded in full once, not on every run.
+  Files that could not be read are not taken as bad: they are tried again
+  on every run.
+  """
+  fingerprint = hashlib.sha256()
+  for path in paths:
+    fingerprint.update(_file_key(path).encode())
+  cache = os.path.join(cache_dir, 'screened',
+                       fingerprint.hexdigest()[:32] + '.json')
+  if os.path.exists(cache):
+    with open(cache) as f:
+      cached = json.load(f)
+    retried_bad, unreadable = _screen_now(cached.get('unreadable', []))
+    skipped = set(cached['bad']) | set(retried_bad) | set(unreadable)
+    return [path not in skipped for path in paths]
+  bad, unreadable = _screen_now(paths)
   try:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + '.tmp', 'w') as f:
-      json.dump({'bad': bad}, f)
+      json.dump({'bad': bad, 'unreadable': unreadable}, f)
     os.replace(cache + '.tmp', cache)
   except OSError as e:  # a read-only cache only costs time
     logging.warning('cannot keep the screening result in %s: %s', cache, e)
-  return [i in kinds for i in range(len(paths))]
+  skipped = set(bad) | set(unreadable)
+  return [path not in skipped for path in paths]
 
 
 def _class_names(split_dir: str, root: str) -> tuple[str, ...]:
@@ -161,16 +219,40 @@ def _class_names(split_dir: str, root: str) -> tuple[str, ...]:
                       if os.path.isdir(os.path.join(split_dir, d))))
 
 
-def _folder_source(root: str, split: str, cache_dir: str) -> Source:
+# Other names a folder dataset may give a split (torchvision's layout).
+_SPLIT_ALIASES = {'validation': 'val'}
+
+
+def _split_dir(root: str, split: str) -> str:
   split_dir = os.path.join(root, split)
+  alias = os.path.join(root, _SPLIT_ALIASES.get(split, split))
+  if not os.path.isdir(split_dir) and os.path.isdir(alias):
+    return alias
   if not os.path.isdir(split_dir):
-    raise DatasetError(f'no folder {split_dir}: a folder dataset needs '
-                       f'{root}/<split>/<class name>/<image files>')
+    present = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d))) if (
+                         os.path.isdir(root)) else []
+    raise DatasetError(
+        f'no folder {split_dir}: a folder dataset needs '
+        f'{root}/<split>/<class name>/<image files>'
+        + (f'; it has {", ".join(present)}: set --config.dataset.train_split '
+           f'and --config.dataset.eval_split to those' if present else ''))
+  return split_dir
+
+
+def _folder_source(root: str, split: str, cache_dir: str) -> Source:
+  split_dir = _split_dir(root, split)
   class_names = _class_names(split_dir, root)
   paths, labels = [], []
   for label, name in enumerate(class_names):
     folder = os.path.join(split_dir, name)
-    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+    try:
+      files = sorted(os.listdir(folder)) if os.path.isdir(folder) else ()
+    except OSError as e:
+      logging.warning('skipping class folder %s: %s', folder,
+                      (e.strerror or str(e)).lower())
+      files = ()
+    for file in files:
       if file.lower().endswith(IMAGE_EXTENSIONS):
         paths.append(os.path.join(folder, file))
         labels.append(label)
@@ -203,10 +285,68 @@ def builtin_dir(config) -> str:
       f'_{config.dataset.builtin_eval_per_class}')
 
 
+IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+
+def _check_archive(path: str) -> None:
+  """Read every member header of a tar, so a damaged or truncated one is
+  named before TFDS spends an hour on it."""
+  try:
+    with tarfile.open(path) as archive:
+      if not archive.getmembers():
+        raise tarfile.ReadError('it holds no files')
+  except (tarfile.TarError, EOFError, OSError) as e:
+    reason = ('not a tar archive' if 'could not be opened' in str(e)
+              else str(e))
+    raise DatasetError(f'{path} is damaged ({reason}): download it '
+                       f'again') from e
+
+
+def _manual_dir(config, builder) -> str:
+  """Where ImageNet's archives are: dataset.manual_dir, else TFDS's own
+  default, <data_dir>/downloads/manual."""
+  if config.dataset.manual_dir:
+    return config.dataset.manual_dir
+  default = os.path.join(builder.data_dir_root, 'downloads', 'manual')
+  for name in IMAGENET_ARCHIVES:
+    if not os.path.exists(os.path.join(default, name)):
+      raise DatasetError(
+          f'ImageNet is not prepared and {name} is in neither '
+          f'dataset.manual_dir (not set) nor {default}: download the archives '
+          f'from image-net.org and put them in one of the two (set '
+          f'--config.dataset.manual_dir=FOLDER)')
+  return default
+
+
+def _prepare_tfds(config, builder, tfds) -> None:
+  """Build a TFDS dataset that is not prepared yet, from archives the user
+  gave (ImageNet); nothing is downloaded at run time."""
+  name = config.dataset.name
+  if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    raise DatasetError(
+        f'{name} is not prepared in {builder.data_dir_root} and needs a '
+        f'download, which this program never starts by itself: get it first '
+        f'with `tfds build {name} --data_dir={builder.data_dir_root}` on a '
+        f'machine with network access, then point --config.dataset.data_dir '
+        f'at that folder')
+  manual = _manual_dir(config, builder)
+  if name.startswith('imagenet2012'):
+    for archive in IMAGENET_ARCHIVES:
+      path = os.path.join(manual, archive)
+      if not os.path.exists(path):
+        raise DatasetError(f'ImageNet is not prepared and {archive} is not in '
+                           f'{manual}: download it from image-net.org')
+      _check_archive(path)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  except (tarfile.TarError, EOFError, zlib.error) as e:
+    raise DatasetError(f'an archive in {manual} is damaged ({e}): download '
+                       f'it again') from e
+
+
 def _tfds_source(config, split: str) -> Source:
   import tensorflow_datasets as tfds  # only needed for TFDS datasets
-  download_config = tfds.download.DownloadConfig(
-      manual_dir=config.dataset.manual_dir)
   try:
     builder = tfds.builder(config.dataset.name,
                            data_dir=config.dataset.data_dir)
@@ -214,28 +354,20 @@ def _tfds_source(config, split: str) -> Source:
     raise DatasetError(f'unknown dataset.name {config.dataset.name!r}: use '
                        f'builtin, folder:PATH or a TFDS dataset name') from e
   if not builder.is_prepared():
-    if config.dataset.name.startswith('imagenet2012'):
-      manual = config.dataset.manual_dir or '<dataset.manual_dir>'
-      missing = [f for f in ('ILSVRC2012_img_train.tar',
-                             'ILSVRC2012_img_val.tar')
-                 if not os.path.exists(os.path.join(manual, f))]
-      if missing:
-        raise DatasetError(
-            f'ImageNet is not prepared and {", ".join(missing)} not found in '
-            f'{manual}: download them from image-net.org and set '
-            f'--config.dataset.manual_dir to their folder')
-    builder.download_and_prepare(download_config=download_config)
+    _prepare_tfds(config, builder, tfds)
   if split not in builder.info.splits:
     raise DatasetError(f'{config.dataset.name} has no split {split!r}: use '
                        f'one of {", ".join(builder.info.splits)}')
   num_examples = builder.info.splits[split].num_examples
-  share = _share(num_examples)
+  # This process reads its own part of the records, not all of them.
+  local_split = tfds.even_splits(split, n=jax.process_count())[
+      jax.process_index()]
   examples = builder.as_dataset(
-      split=split, decoders={'image': tfds.decode.SkipDecoding()},
-      shuffle_files=False).shard(share.step, share.start)
+      split=local_split, decoders={'image': tfds.decode.SkipDecoding()},
+      shuffle_files=False)
   examples = examples.map(lambda ex: (ex['image'], ex['label']))
-  return Source(examples, len(range(num_examples)[share]), num_examples,
-                tuple(builder.info.features['label'].names))
+  return Source(examples, builder.info.splits[local_split].num_examples,
+                num_examples, tuple(builder.info.features['label'].names))
 
 
 def source(config, split: str) -> Source:
@@ -259,11 +391,7 @@ def class_names(config) -> tuple[str, ...]:
     return builtin_data.CLASSES
   if name.startswith('folder:'):
     root = name[len('folder:'):]
-    split_dir = os.path.join(root, config.dataset.train_split)
-    if not os.path.isdir(split_dir):
-      raise DatasetError(f'no folder {split_dir}: a folder dataset needs '
-                         f'{root}/<split>/<class name>/<image files>')
-    return _class_names(split_dir, root)
+    return _class_names(_split_dir(root, config.dataset.train_split), root)
   import tensorflow_datasets as tfds  # only needed for TFDS datasets
   try:
     builder = tfds.builder(name, data_dir=config.dataset.data_dir)

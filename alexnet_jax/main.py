@@ -106,8 +106,10 @@ def _run(mode: str, config, workdir: str) -> None:
   if _FIGURE_POOL.value <= 0:
     raise errors.UserError(f'--figure_pool={_FIGURE_POOL.value}: give a '
                            f'number of training images above 0')
+  if mode == 'prepare':
+    dataset_tools.check_output(config, workdir)
   if mode == 'export' and _EXPORT_DIR.value:
-    workdir_lib.check(_EXPORT_DIR.value)
+    workdir_lib.check(_EXPORT_DIR.value, flag='--export_dir')
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value),

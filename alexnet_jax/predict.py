@@ -26,7 +26,7 @@ from alexnet_jax import train
 def image_files(paths) -> list[str]:
   """The files named, and the image files under the folders named, sorted."""
   files = []
-  for path in paths:
+  for path in map(os.path.expanduser, paths):
     if os.path.isdir(path):
       found = sorted(os.path.join(root, name)
                      for root, _, names in os.walk(path) for name in names

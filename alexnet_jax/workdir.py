@@ -33,18 +33,19 @@ def _existing_ancestor(path: str) -> str:
   return path
 
 
-def check(workdir: str, writable: bool = True) -> str:
+def check(workdir: str, writable: bool = True, flag: str = '--workdir') -> str:
   """The workdir as an absolute path, refused at once if it cannot be used.
 
   writable: the job writes there (also checks, without changing anything,
   that the folder or the nearest existing folder above it takes files).
+  flag: the option that named the folder, for the error.
   """
   if not workdir or not workdir.strip():
-    raise errors.UserError('--workdir is empty: give the folder for the '
-                           'run\'s checkpoints and logs')
+    raise errors.UserError(f'{flag} is empty: give the folder for the '
+                           f'run\'s output')
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
-    raise errors.UserError(f'--workdir={workdir} is a file, not a folder: '
+    raise errors.UserError(f'{flag}={workdir} is a file, not a folder: '
                            f'give a folder (it is made if missing)')
   if writable:
     probe_dir = _existing_ancestor(path)
@@ -53,7 +54,7 @@ def check(workdir: str, writable: bool = True) -> str:
         pass
     except OSError as e:
       raise errors.UserError(
-          f'cannot write in --workdir={workdir} ({probe_dir}: '
+          f'cannot write in {flag}={workdir} ({probe_dir}: '
           f'{e.strerror}): give a folder you can write to') from e
   return path
 

@@ -78,6 +78,11 @@ def main() -> None:
   parser.add_argument('--grace_s', type=float, default=90.0)
   parser.add_argument('main_args', nargs=argparse.REMAINDER)
   args = parser.parse_args()
+  for name in ('processes', 'devices_per_process'):
+    if getattr(args, name) < 1:
+      print(f'error: --{name}={getattr(args, name)}: give 1 or more',
+            file=sys.stderr)
+      sys.exit(2)
   main_args = args.main_args[1:] if args.main_args[:1] == ['--'] else (
       args.main_args)
   sys.exit(launch(args.processes, args.devices_per_process, main_args,
