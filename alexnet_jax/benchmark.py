@@ -38,6 +38,7 @@ from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 from alexnet_jax import parallel
+from alexnet_jax import tf_runtime
 from alexnet_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -257,8 +258,10 @@ def main(argv):
     elif _WHAT.value == 'checkpoint':
       result = time_checkpoint(config, _REPEATS.value)
     elif _PHOTOS.value:
+      tf_runtime.start()
       result = _input_pipeline_on_photos(config, *timings)
     else:
+      tf_runtime.start()
       result = time_input_pipeline(config, *timings)
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)

@@ -18,7 +18,6 @@ Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
 
 import errno
-import os
 import sys
 
 from absl import app
@@ -78,7 +77,6 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'Multi-process runs: how long a silent process is waited for before the '
     'others stop (JAX\'s default).', lower_bound=1)
 flags.mark_flags_as_required(['config', 'workdir'])
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 
 # Modes that write checkpoints or a dataset: one job at a time per workdir.
@@ -138,13 +136,6 @@ def _run(mode: str, config, workdir: str) -> None:
     jobs[mode]()
 
 
-def _hide_gpus_from_tensorflow() -> None:
-  """tf.data runs on the CPU; a full `tensorflow` install would otherwise
-  take GPU memory that JAX needs."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -153,8 +144,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import tf_runtime  # pylint: disable=g-import-not-at-top
   try:
-    _hide_gpus_from_tensorflow()
+    tf_runtime.start()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                            _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT_TIMEOUT.value)
