@@ -285,6 +285,11 @@ def builtin_dir(config) -> str:
       f'_{config.dataset.builtin_eval_per_class}')
 
 
+# TFDS warns that a dataset it has not prepared yet has no dataset_info.json;
+# _prepare_tfds says what to do instead.
+logging.get_absl_logger().addFilter(
+    lambda record: 'has no dataset_info.json' not in record.getMessage())
+
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 

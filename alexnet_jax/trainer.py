@@ -168,7 +168,6 @@ def train_and_evaluate(config, workdir: str,
   towers = train.mesh_towers(config, mesh)
   parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
   _check_memory(config, mesh)
-  _write_config(config, workdir)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   state = _resume_or_start(config, mesh, mngr, allow_config_change)
   step = int(state.step)
@@ -181,6 +180,7 @@ def train_and_evaluate(config, workdir: str,
     metric_writer.report(f'the checkpoint in {mngr.directory} is at step '
                          f'{step} of {total_steps}: training is complete')
     return state
+  _write_config(config, workdir)
   train_step = train.make_train_step(config, mesh, steps_per_epoch)
   eval_step = train.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
