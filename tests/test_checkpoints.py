@@ -4,6 +4,7 @@ ensembles, and bad input that is refused without changing the workdir."""
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -278,3 +279,88 @@ def test_eval_of_a_missing_or_empty_workdir_fails_and_creates_nothing(
   assert 'Traceback' not in result.stderr
   assert os.path.exists(workdir) == exists
   assert not exists or not os.listdir(workdir)
+
+
+def test_ctrl_c_saves_the_step_and_the_run_resumes_from_it(
+    tmp_path, flags, uninterrupted):
+  """SIGINT as SIGTERM: the step finishes, is saved, one line, exit 130."""
+  run = start_main(*flags, f'--workdir={tmp_path}',
+                   '--config.checkpoint_every_steps=100',
+                   '--config.log_every_steps=1')
+  _read_until(run, f'step 1/{STEPS}')
+  run.send_signal(signal.SIGINT)
+  _, stderr = run.communicate(timeout=300)
+  assert run.returncode == 128 + signal.SIGINT, stderr[-2000:]
+  assert 'Traceback' not in stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith('stopped at step ') and 'run the same command' in last
+  stopped_at = int(last.split()[3].rstrip(';'))
+  assert os.listdir(tmp_path / 'checkpoints') == [str(stopped_at)]
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['num_train_steps'] == STEPS
+
+  resumed = run_main(*flags, f'--workdir={tmp_path}')
+  assert f'from step {stopped_at}' in resumed.stdout
+  assert_bitwise_equal(checkpointed_params(tmp_path, STEPS),
+                       checkpointed_params(uninterrupted, STEPS))
+
+
+def test_a_second_job_on_the_workdir_is_refused_and_a_dead_ones_lock_is_taken(
+    tmp_path, flags):
+  first = start_main(*flags, f'--workdir={tmp_path}',
+                     '--config.num_train_steps=400',
+                     '--config.log_every_steps=1',
+                     '--config.checkpoint_every_steps=1000',
+                     '--config.eval_every_steps=1000')  # saves nothing
+  try:
+    _read_until(first, 'step 1/')
+    second = run_main(*flags, f'--workdir={tmp_path}',
+                      '--config.learning_rate=0.001', check=False)
+    assert second.returncode == 1
+    assert _last_line(second).startswith('error: ')
+    assert f'in use by another job (host ' in _last_line(second)
+    assert f'pid {first.pid}' in _last_line(second)
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+  # The kill left the lock file; the holder is dead, so it is taken over.
+  assert os.path.exists(tmp_path / 'job.lock')
+  third = run_main(*flags, f'--workdir={tmp_path}',
+                   '--config.num_train_steps=2')
+  assert f'taking over the lock of a job that is no longer running' in (
+      third.stderr)
+  assert f'pid {first.pid}' in third.stderr
+  assert not os.path.exists(tmp_path / 'job.lock')  # released at the end
+
+
+def test_a_corrupted_checkpoint_is_set_aside_and_training_resumes_before_it(
+    tmp_path, flags, uninterrupted):
+  """64 bytes overwritten in step 4's parameters: eval refuses step 4, and
+  training resumes from step 2 to the uninterrupted run's parameters."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)
+  data = workdir / 'checkpoints' / '4' / 'state' / 'ocdbt.process_0' / 'd'
+  victim = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  with open(victim, 'r+b') as f:
+    f.seek(victim.stat().st_size // 2)
+    f.write(b'\0' * 64)
+
+  refused = run_main(*flags, f'--workdir={workdir}', '--mode=eval',
+                     check=False)
+  assert refused.returncode == 1
+  assert _last_line(refused).startswith('error: checkpoint 4 in ')
+  assert 'damaged' in _last_line(refused)
+
+  resumed = run_main(*flags, f'--workdir={workdir}',
+                     '--config.num_train_steps=4')
+  assert 'checkpoint 4' in resumed.stderr and 'damaged' in resumed.stderr
+  assert 'from step 2' in resumed.stdout
+  assert (workdir / 'checkpoints' / '4.damaged').is_dir()  # kept to look at
+  assert_bitwise_equal(checkpointed_params(workdir, STEPS),
+                       checkpointed_params(uninterrupted, STEPS))
+  # The points logged after step 2 by the first run are marked, not lost.
+  records = metric_records(workdir)
+  replayed = [r for r in records if r.get('replayed')]
+  assert replayed and all(r['step'] > 2 for r in replayed)
+  assert [r['step'] for r in records
+          if r['split'] == 'train' and not r.get('replayed')] == [2, 4]

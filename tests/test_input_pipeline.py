@@ -189,3 +189,76 @@ def test_the_train_stream_is_the_same_for_any_number_of_processes(
     for key in whole:
       np.testing.assert_array_equal(
           whole[key], np.concatenate([first[key], second[key]]))
+
+
+def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
+    tmp_path, monkeypatch, caplog):
+  """As after a chmod, which changes neither size nor time: the first look
+  cannot read b.jpeg, the second can, and then it is used."""
+  folder = tmp_path / 'data'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  paths = []
+  for name in ('a.jpeg', 'b.jpeg', 'garbage.jpeg'):
+    data = (rng.bytes(500) if name == 'garbage.jpeg' else
+            _encode(rng.integers(0, 256, (40, 50, 3), np.uint8)))
+    (folder / name).write_bytes(data)
+    paths.append(str(folder / name))
+  unreadable = str(folder / 'b.jpeg')
+  real_kinds = input_pipeline._screen_file_kinds
+  monkeypatch.setattr(
+      input_pipeline, '_screen_file_kinds',
+      lambda ps: {i: k for i, k in real_kinds(ps).items()
+                  if ps[i] != unreadable})
+  monkeypatch.setattr(input_pipeline, '_unreadable',
+                      lambda p: 'permission denied' if p == unreadable
+                      else None)
+  cache = str(tmp_path / 'cache')
+  with caplog.at_level(logging.WARNING):
+    assert input_pipeline.screen(paths, cache) == [True, False, False]
+  assert f'skipping {unreadable}: permission denied' in caplog.text
+  assert f'skipping {paths[2]}: ' in caplog.text
+  assert 'Unknown image file format' in caplog.text  # TF's reason, bare
+  assert '{{' not in caplog.text and '[Op:' not in caplog.text
+
+  monkeypatch.undo()  # readable again, nothing else changed
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert input_pipeline.screen(paths, cache) == [True, True, False]
+  assert 'b.jpeg' not in caplog.text
+  assert input_pipeline.screen(paths, cache) == [True, True, False]
+
+
+def test_a_symlink_loop_and_a_dangling_link_are_skipped_with_their_reasons(
+    tiny_config, tmp_path, caplog):
+  rng = np.random.default_rng(1)
+  for split in ('train', 'validation'):
+    for label in ('a', 'b'):
+      folder = tmp_path / 'data' / split / label
+      folder.mkdir(parents=True)
+      for i in range(3):
+        (folder / f'{i}.jpeg').write_bytes(
+            _encode(rng.integers(0, 256, (40, 50, 3), np.uint8)))
+  train = tmp_path / 'data' / 'train'
+  os.symlink('loop.jpeg', train / 'a' / 'loop.jpeg')
+  os.symlink(str(tmp_path / 'gone.jpeg'), train / 'a' / 'dangling.jpeg')
+  tiny_config.dataset.name = f'folder:{tmp_path}/data'
+  tiny_config.dataset.data_dir = str(tmp_path / 'cache')
+  with caplog.at_level(logging.WARNING):
+    src = input_pipeline.source(tiny_config, 'train')
+  assert src.num_examples == 6
+  assert f'{train}/a/loop.jpeg: too many levels of symbolic links' in (
+      caplog.text)
+  assert f'{train}/a/dangling.jpeg: no such file or directory' in caplog.text
+
+
+def test_a_torchvision_style_val_folder_is_the_evaluation_split(
+    tiny_config, tmp_path):
+  for split in ('train', 'val'):
+    folder = tmp_path / 'data' / split / 'a'
+    folder.mkdir(parents=True)
+    (folder / '0.jpeg').write_bytes(
+        _encode(np.zeros((40, 50, 3), np.uint8)))
+  tiny_config.dataset.name = f'folder:{tmp_path}/data'
+  tiny_config.dataset.data_dir = str(tmp_path / 'cache')
+  assert input_pipeline.source(tiny_config, 'validation').num_examples == 1

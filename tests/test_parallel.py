@@ -1,5 +1,6 @@
 """The two-tower split over a ('data', 'tower') mesh of fake CPU devices."""
 
+import os
 import re
 
 import jax
@@ -271,3 +272,46 @@ def test_hybrid_evaluation_sums_match_one_device(tiny_config):
   assert float(sums[0]['count']) == 6
   for key in sums[0]:
     np.testing.assert_allclose(sums[1][key], sums[0][key], rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'ilsvrc2012', 'paper_2012',
+                                  'released_2012', 'one_tower_2014',
+                                  'torchvision'])
+def test_each_shipped_config_fits_1_2_4_and_8_devices(name):
+  """The mesh, the towers and both batch sizes, as a run on that many
+  devices sets them up (the network itself is tested on meshes above)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      name, f'{os.path.dirname(__file__)}/../configs/{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for count in (1, 2, 4, 8):
+    mesh = parallel.make_mesh(config, jax.devices()[:count])
+    assert mesh.size == count
+    towers = train.mesh_towers(config, mesh)
+    parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
+    eval_batch = parallel.padded_batch(config.eval.batch_size, mesh, towers)
+    parallel.check_batch(eval_batch, mesh, towers, 'eval.batch_size')
+    assert 0 <= eval_batch - config.eval.batch_size < count
+
+
+def test_evaluation_pads_a_batch_that_does_not_split_and_counts_each_once(
+    tiny_config):
+  """eval.batch_size 7 on 4 data shards: batches of 8, the same metrics."""
+  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  tiny_config.eval.batch_size = 7
+  src = input_pipeline.source(tiny_config, 'validation')
+  results = []
+  for data in (1, 4):
+    tiny_config.mesh.data = data
+    mesh = parallel.make_mesh(tiny_config)
+    state = train.create_sharded_train_state(tiny_config, mesh)
+    results.append(evaluate.evaluate_params(
+        tiny_config, mesh, train.make_eval_step(tiny_config, mesh),
+        (state.params,), src))
+  one, four = results
+  assert one['examples'] == four['examples'] == 30
+  for key in ('loss', 'top1_error', 'top5_error'):
+    assert four[key] == pytest.approx(one[key], rel=1e-5)

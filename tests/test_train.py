@@ -119,3 +119,12 @@ def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
   np.testing.assert_allclose(float(sums['loss']), loss(ensemble), rtol=1e-5)
   assert float(sums['top1_error']) == np.sum(
       np.argmax(ensemble, axis=-1) != labels)
+
+
+def test_the_eta_uses_this_process_s_rate_and_not_the_absolute_step():
+  """Resumed at step 500,000 of 900,810 after 100 timed steps of 0.5 s:
+  400,810 steps left at 0.5 s each, not a few seconds."""
+  from alexnet_jax import trainer  # pylint: disable=g-import-not-at-top
+  assert trainer.eta_text(900_810 - 500_100, 50.0, 100) == (
+      f'{400_710 * 0.5 / 60:.1f} min')
+  assert trainer.eta_text(10, 0.0, 0) == '?'   # only the compiling interval
