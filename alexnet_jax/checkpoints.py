@@ -186,7 +186,7 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
 def _check_room(mngr: ocp.CheckpointManager, state) -> None:
   """A clear error before a save that cannot fit on the disk (Orbax's own
   is hundreds of lines from its writer threads)."""
-  needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  needed = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(state))
   needed = int(needed * 1.05) + (1 << 20)  # Orbax's metadata and chunking
   free = shutil.disk_usage(str(mngr.directory)).free
   if free < needed:

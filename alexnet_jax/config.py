@@ -236,8 +236,12 @@ def validate(config) -> None:
       'lr_schedule': (config.lr_schedule, ('plateau', 'piecewise')),
       'eval.crops': (config.eval.crops, (1, 10)),
       'dataset.mean': (config.dataset.mean, ('per_channel', 'per_pixel')),
-      'dtype': (config.dtype, ('float32', 'bfloat16', 'float16')),
+      'dtype': (config.dtype, ('float32', 'bfloat16')),
   }
+  if config.dtype == 'float16':
+    raise errors.UserError(
+        'dtype=float16 would need loss scaling, which this program does not '
+        'do (its gradients underflow): use --config.dtype=bfloat16')
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise errors.UserError(

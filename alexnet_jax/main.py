@@ -72,6 +72,17 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'This process\'s index, 0 to num_processes-1.')
+_PROFILE_STEPS = flags.DEFINE_string(
+    'profile_steps', '', 'START:END: write a jax.profiler trace of the train '
+    'steps after START up to END to workdir/profile (TensorBoard\'s profile '
+    'plugin, or Perfetto for the .trace.json.gz).')
+flags.register_validator(
+    'profile_steps',
+    lambda v: not v or (v.count(':') == 1 and all(
+        p.isdigit() for p in v.split(':')) and int(v.split(':')[0]) < int(
+            v.split(':')[1])),
+    message='--profile_steps takes START:END, two step numbers with START < '
+    'END, e.g. 10:15')
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout_s', 100,
     'Multi-process runs: how long a silent process is waited for before the '
@@ -110,7 +121,9 @@ def _run(mode: str, config, workdir: str) -> None:
     workdir_lib.check(_EXPORT_DIR.value, flag='--export_dir')
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
-          config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value),
+          config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+          profile_steps=tuple(map(int, _PROFILE_STEPS.value.split(':')))
+          if _PROFILE_STEPS.value else None),
       'eval': lambda: evaluate.run(
           config, workdir, checkpoint=_CHECKPOINT.value,
           ensemble=tuple(_ENSEMBLE.value),

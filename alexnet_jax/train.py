@@ -211,19 +211,30 @@ def all_finite(tree) -> bool:
   return bool(_all_finite(tree))
 
 
-def mean_probabilities(model: models.AlexNet, members, images: jax.Array,
-                       mean) -> jax.Array:
-  """The softmax averaged over ensemble members and crops, as in the paper.
+def mean_log_probabilities(model: models.AlexNet, members, images: jax.Array,
+                           mean) -> jax.Array:
+  """The log of the softmax averaged over ensemble members and crops, as in
+  the paper.
 
-  members: a sequence of parameter trees for `model`. images: uint8
-  (B, H, W, 3), or (B, crops, H, W, 3). Returns (B, classes).
+  Computed as logsumexp of the log-softmaxes less log(n), so that a
+  confident mistake whose probability underflows to 0 in float32 still has
+  a finite loss. members: a sequence of parameter trees for `model`.
+  images: uint8 (B, H, W, 3), or (B, crops, H, W, 3). Returns (B, classes).
   """
   crops = images.shape[1] if images.ndim == 5 else 1
   flat = normalize(images.reshape((-1,) + images.shape[-3:]), mean)
-  probs = [jax.nn.softmax(model.apply({'params': params}, flat))
-           for params in members]
-  return jnp.mean(jnp.stack(probs), axis=0).reshape(
-      images.shape[0], crops, -1).mean(axis=1)
+  log_probs = jnp.stack([jax.nn.log_softmax(model.apply({'params': params},
+                                                        flat))
+                         for params in members])        # (n, B * crops, C)
+  log_probs = log_probs.reshape(len(members), images.shape[0], crops, -1)
+  return (jax.nn.logsumexp(log_probs, axis=(0, 2))
+          - jnp.log(len(members) * crops))
+
+
+def mean_probabilities(model: models.AlexNet, members, images: jax.Array,
+                       mean) -> jax.Array:
+  """The softmax averaged over ensemble members and crops (B, classes)."""
+  return jnp.exp(mean_log_probabilities(model, members, images, mean))
 
 
 def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
@@ -238,9 +249,9 @@ def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
   mean = dataset_stats.mean(config)
 
   def device_sums(members, batch):
-    probs = mean_probabilities(model, members, batch['image'], mean)
+    log_probs = mean_log_probabilities(model, members, batch['image'], mean)
     return _total_over_batch(classification_sums(
-        jnp.log(probs), batch['label'], batch['mask'].astype(jnp.float32)),
+        log_probs, batch['label'], batch['mask'].astype(jnp.float32)),
                              model.towers)
 
   return jax.jit(lambda members, batch: _sharded(

@@ -2,6 +2,7 @@
 
 import os
 import time
+from typing import Optional
 
 from absl import logging
 import jax
@@ -143,12 +144,36 @@ def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
   return state, metrics
 
 
-def train_and_evaluate(config, workdir: str,
-                       allow_config_change: bool = False) -> train.TrainState:
+class _StepTrace:
+  """A jax.profiler trace of the steps after `start` up to `end`, in
+  WORKDIR/profile, for TensorBoard's profile plugin and Perfetto."""
+
+  def __init__(self, steps: Optional[tuple[int, int]], workdir: str):
+    self._steps, self._tracing = steps, False
+    self._folder = os.path.join(workdir, 'profile')
+
+  def before(self, step: int) -> None:
+    if self._steps and step == self._steps[0]:
+      jax.profiler.start_trace(self._folder, create_perfetto_trace=True)
+      self._tracing = True
+
+  def after(self, step: int, state) -> None:
+    if self._tracing and step == self._steps[1]:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self._tracing = False
+      metric_writer.report(f'profile of steps {self._steps[0] + 1}-{step} '
+                           f'written to {self._folder}')
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       profile_steps: Optional[tuple[int, int]] = None
+                       ) -> train.TrainState:
   """Train from scratch, or resume from the latest checkpoint in workdir.
 
   A resumed run must have the config it started with, but for the keys in
-  config.MAY_CHANGE_ON_RESUME, unless allow_config_change.
+  config.MAY_CHANGE_ON_RESUME, unless allow_config_change. profile_steps:
+  (start, end) to trace the steps after start up to end.
   """
   train_src = input_pipeline.source(config, config.dataset.train_split)
   eval_src = input_pipeline.source(config, config.dataset.eval_split)
@@ -195,11 +220,14 @@ def train_and_evaluate(config, workdir: str,
       f'training {config.model.variant} for {total_steps} steps '
       f'({steps_per_epoch} per epoch) from step {step} on mesh '
       f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}')
+  trace = _StepTrace(profile_steps, workdir)
   with preemption.StopRequests(mngr) as stop_requests:
     while step < total_steps:
+      trace.before(step)
       state, metrics = train_step(
           state, parallel.shard_batch(next(batches), mesh, towers))
       step += 1
+      trace.after(step, state)
       pending.append(metrics)
       if step % config.log_every_steps == 0 or step == total_steps:
         means = {k: float(np.mean(v))

@@ -109,6 +109,8 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
                   f'--workdir={new}'], 'learning_rate=nan'),
       'lr negative': ([*main, *tiny, '--config.learning_rate=-0.1',
                        f'--workdir={new}'], 'learning_rate=-0.1'),
+      'float16': ([*main, *tiny, '--config.dtype=float16',
+                   f'--workdir={new}'], 'use --config.dtype=bfloat16'),
       'figure pool 0': ([*main, *tiny, '--mode=figures', '--figure_pool=0',
                          f'--workdir={trained}'], '--figure_pool=0'),
       'parameters past memory': (
@@ -206,3 +208,51 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
   changed = sorted(k for k in set(before) | set(after)
                    if before.get(k) != after.get(k))
   assert not changed, changed
+
+
+@pytest.fixture
+def mounts():
+  """Mounts a test makes as root (a read-only view, a tiny disk); unmounted
+  afterwards."""
+  made = []
+
+  def mount(*args):
+    target = args[-1]
+    os.makedirs(target, exist_ok=True)
+    result = subprocess.run(['mount', *args], capture_output=True, text=True)
+    if result.returncode:
+      reason = f'cannot mount here ({result.stderr.strip()}): needs root'
+      if os.environ.get('CI'):
+        pytest.fail(reason)
+      pytest.skip(reason)
+    made.append(target)
+    return target
+
+  yield mount
+  for target in reversed(made):
+    subprocess.run(['umount', target], check=False)
+
+
+def test_a_read_only_workdir_is_refused_before_any_work(
+    tmp_path, data_dir, trained, mounts):
+  view = mounts('--bind', '-o', 'ro', trained, str(tmp_path / 'ro'))
+  before = tree_checksums(trained)
+  tiny = tiny_flags(data_dir)
+  resume = run_main(*tiny, '--config.num_train_steps=6', f'--workdir={view}',
+                    check=False)
+  assert_one_error_line(resume, 'cannot write in --workdir', 'Read-only')
+  assert 'step 5' not in resume.stdout   # nothing was trained
+  evaluation = run_main(*tiny, '--mode=eval', f'--workdir={view}',
+                        check=False)
+  assert_one_error_line(evaluation, 'cannot write in --workdir')
+  assert 'eval' not in evaluation.stdout  # refused before computing
+  assert tree_checksums(trained) == before
+
+
+def test_a_full_disk_is_named_with_the_space_a_checkpoint_needs(
+    tmp_path, data_dir, mounts):
+  disk = mounts('-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', str(tmp_path / 'disk'))
+  result = run_main(*tiny_flags(data_dir), f'--workdir={disk}/run',
+                    check=False)
+  assert_one_error_line(result, 'is full: a checkpoint needs about',
+                        'no checkpoint was saved yet')

@@ -12,8 +12,15 @@ from command_line import tiny_flags
 
 def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
-  train = run_main(*tiny_flags(data_dir), f'--workdir={workdir}')
+  train = run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
+                   '--profile_steps=1:3')
   assert 'images/sec' in train.stdout and 'ETA' in train.stdout
+  # The trace of steps 2-3, for TensorBoard's profile plugin and Perfetto.
+  assert 'profile of steps 2-3 written to' in train.stdout
+  traces = [name for _, _, names in os.walk(os.path.join(workdir, 'profile'))
+            for name in names]
+  assert any(n.endswith('.xplane.pb') for n in traces), traces
+  assert any(n.endswith('.trace.json.gz') for n in traces), traces
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
   assert os.listdir(os.path.join(workdir, 'tensorboard', 'train'))
   records = metric_records(workdir)
@@ -83,3 +90,20 @@ def test_a_bad_config_value_fails_in_one_clear_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(
       "error: model.variant='alexnet_v9' is not supported")
+
+
+def test_the_compute_modules_do_not_import_tensorflow():
+  """GPU hosts may have no TensorFlow: the train-step benchmark, the model,
+  the steps, checkpoints and the workdir lock must not need it."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from command_line import REPO  # pylint: disable=g-import-not-at-top
+  modules = ('models', 'parallel', 'train', 'optimizer', 'checkpoints',
+             'dataset_stats', 'config', 'preemption', 'distributed',
+             'workdir', 'benchmark')
+  code = ('import sys\n' + ''.join(f'import alexnet_jax.{m}\n'
+                                    for m in modules)
+          + 'print(sorted(m for m in sys.modules if m == "tensorflow"))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == '[]'

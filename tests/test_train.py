@@ -128,3 +128,24 @@ def test_the_eta_uses_this_process_s_rate_and_not_the_absolute_step():
   assert trainer.eta_text(900_810 - 500_100, 50.0, 100) == (
       f'{400_710 * 0.5 / 60:.1f} min')
   assert trainer.eta_text(10, 0.0, 0) == '?'   # only the compiling interval
+
+
+def test_the_evaluation_loss_stays_finite_when_a_probability_underflows():
+  """A confident mistake on both crops: p(label) = e^-200 underflows to 0 in
+  float32, so log(mean softmax) was -inf; the log of the mean is -200."""
+
+  class FixedLogits:   # a network whose logits are its parameters
+    def apply(self, variables, images):
+      del images
+      return variables['params']
+
+  logits = jnp.asarray([[0.0, 200.0]] * 2)       # two crops of one image
+  images = jnp.zeros((1, 2, 4, 4, 3), jnp.uint8)
+  old_form = jnp.log(jnp.mean(jax.nn.softmax(logits), axis=0))
+  assert float(old_form[0]) == -np.inf
+  log_mean = train.mean_log_probabilities(FixedLogits(), (logits, logits),
+                                          images, mean=0.0)
+  np.testing.assert_allclose(log_mean, [[-200.0, 0.0]], atol=1e-4)
+  sums = train.classification_sums(log_mean, jnp.asarray([0]), jnp.ones(1))
+  np.testing.assert_allclose(sums['loss'], 200.0, rtol=1e-6)
+  assert float(sums['top1_error']) == 1.0
