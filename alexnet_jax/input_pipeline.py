@@ -340,7 +340,9 @@ def _prepare_tfds(config, builder, tfds) -> None:
       path = os.path.join(manual, archive)
       if not os.path.exists(path):
         raise DatasetError(f'ImageNet is not prepared and {archive} is not in '
-                           f'{manual}: download it from image-net.org')
+                           f'{manual}: download it from image-net.org, or '
+                           f'set --config.dataset.manual_dir to the folder '
+                           f'that holds it')
       _check_archive(path)
   try:
     builder.download_and_prepare(

@@ -19,6 +19,7 @@ def test_prepare_writes_a_copy_at_resize_size_that_trains_alike(tiny_config,
   copy = str(tmp_path / 'copy')
   dataset_tools.prepare(tiny_config, copy)
   original = input_pipeline.source(tiny_config, 'train')
+  source_name = tiny_config.dataset.name
   tiny_config.dataset.name = f'folder:{copy}'
   prepared = input_pipeline.source(tiny_config, 'train')
   assert prepared.class_names == original.class_names
@@ -33,8 +34,12 @@ def test_prepare_writes_a_copy_at_resize_size_that_trains_alike(tiny_config,
   batch = next(input_pipeline.train_dataset(tiny_config, prepared)
                .as_numpy_iterator())
   assert batch['image'].shape == (16, 64, 64, 3)
+  tiny_config.dataset.name = source_name
   with pytest.raises(errors.UserError, match='already holds a prepared copy'):
     dataset_tools.prepare(tiny_config, copy)
+  tiny_config.dataset.name = f'folder:{copy}'  # the copy into itself
+  with pytest.raises(errors.UserError, match='inside the dataset it would'):
+    dataset_tools.prepare(tiny_config, f'{copy}/again')
 
 
 def test_stats_are_the_mean_and_colour_pca_of_the_images(tiny_config,

@@ -34,7 +34,7 @@ def test_the_slurm_script_runs_main_once_per_gpu_with_the_users_flags(
       '--config.batch_size=1024']
   options = _sbatch_options(os.path.join(REPO, 'launch/slurm.sbatch'))
   assert options['ntasks-per-node'] == options['gpus-per-node'] == '8'
-  assert options['signal'].startswith('TERM@')
+  assert options['signal'].startswith('B:USR1@')  # to the batch script
   usage = subprocess.run(['bash', 'launch/slurm.sbatch'], cwd=REPO, env=env,
                          capture_output=True, text=True)
   assert usage.returncode != 0 and 'usage: sbatch' in usage.stderr
