@@ -86,8 +86,8 @@ def _check_memory(config, mesh) -> None:
 
 
 def _write_config(config, workdir: str) -> None:
-  """The run's config as JSON, written first thing, so that a run killed
-  before its first checkpoint still says what it was."""
+  """The run's config as JSON, written before the first step, so that a run
+  killed before its first checkpoint still says what it was."""
   if jax.process_index() == 0:
     path = os.path.join(workdir, 'config.json')
     with open(path + '.tmp', 'w') as f:
