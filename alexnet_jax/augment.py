@@ -16,6 +16,7 @@ here (input_pipeline.screen).
 import tensorflow as tf
 
 from alexnet_jax import dataset_stats
+from alexnet_jax import normalization
 
 
 def _window_in_original(shape, resize_size: int, top, left, size):
@@ -117,8 +118,9 @@ def train_example(config, encoded, label, seed) -> dict[str, tf.Tensor]:
   eigvals, eigvecs = dataset_stats.pca(config)
   lighting = pca_lighting(light_seed, eigvals, eigvecs,
                           config.dataset.lighting_std)
-  return {'image': image, 'label': tf.cast(label, tf.int32),
-          'lighting': lighting}
+  return {normalization.IMAGE: image,
+          normalization.LABEL: tf.cast(label, tf.int32),
+          normalization.LIGHTING: lighting}
 
 
 def eval_crops(image: tf.Tensor, size: int, crops: int) -> tf.Tensor:
@@ -145,5 +147,6 @@ def eval_example(config, encoded, label) -> dict[str, tf.Tensor]:
     square = decode_window(encoded, config.resize_size, 0, 0,
                            config.resize_size)
     image = eval_crops(square, config.image_size, config.eval.crops)
-  return {'image': image, 'label': tf.cast(label, tf.int32)}
+  return {normalization.IMAGE: image,
+          normalization.LABEL: tf.cast(label, tf.int32)}
 

@@ -39,7 +39,7 @@ from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 from alexnet_jax import parallel
 from alexnet_jax import tf_runtime
-from alexnet_jax import train
+from alexnet_jax import steps
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file with get_config().',
@@ -76,17 +76,17 @@ def random_batch(config, mesh: jax.sharding.Mesh, seed: int = 0):
       'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
       'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
       'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
-  }, mesh, train.mesh_towers(config, mesh))
+  }, mesh, steps.mesh_towers(config, mesh))
 
 
 def time_train_step(config, warmup: int, repeats: int,
-                    steps: int) -> dict[str, object]:
+                    steps_per_repeat: int) -> dict[str, object]:
   """Images/sec of the train step: the median over `repeats` timed runs."""
   mesh = parallel.make_mesh(config)
   parallel.check_batch(config.batch_size, mesh,
-                       train.mesh_towers(config, mesh), 'batch_size')
-  state = train.create_sharded_train_state(config, mesh)
-  step = train.make_train_step(config, mesh, steps_per_epoch=1000)
+                       steps.mesh_towers(config, mesh), 'batch_size')
+  state = steps.create_sharded_train_state(config, mesh)
+  step = steps.make_train_step(config, mesh, steps_per_epoch=1000)
   batch = random_batch(config, mesh)
   started = time.perf_counter()
   state, _ = step(state, batch)
@@ -98,11 +98,13 @@ def time_train_step(config, warmup: int, repeats: int,
   rates, cpu_seconds = [], []
   for _ in range(repeats):
     started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(steps):
+    for _ in range(steps_per_repeat):
       state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    rates.append(steps * config.batch_size / (time.perf_counter() - started))
-    cpu_seconds.append((time.process_time() - cpu_started) / steps)
+    rates.append(steps_per_repeat * config.batch_size
+                 / (time.perf_counter() - started))
+    cpu_seconds.append((time.process_time() - cpu_started)
+                       / steps_per_repeat)
     print(f'{rates[-1]:.1f} images/sec, {cpu_seconds[-1]:.2f} CPU s/step',
           file=sys.stderr, flush=True)
   images_per_sec = statistics.median(rates)
@@ -134,8 +136,8 @@ def _folder_bytes(path: str) -> int:
 def time_checkpoint(config, repeats: int) -> dict[str, object]:
   """Seconds a save blocks the loop and takes in all, and a restore's."""
   mesh = parallel.make_mesh(config)
-  state = train.create_sharded_train_state(config, mesh)
-  state, _ = train.make_train_step(config, mesh, steps_per_epoch=1000)(
+  state = steps.create_sharded_train_state(config, mesh)
+  state, _ = steps.make_train_step(config, mesh, steps_per_epoch=1000)(
       state, random_batch(config, mesh))
   blocking, total, restore = [], [], []
   with tempfile.TemporaryDirectory() as workdir:
@@ -148,7 +150,7 @@ def time_checkpoint(config, repeats: int) -> dict[str, object]:
       total.append(time.perf_counter() - started)
     size = _folder_bytes(os.path.join(checkpoints.directory(workdir),
                                       str(repeats)))
-    abstract = train.abstract_train_state(config, mesh)
+    abstract = steps.abstract_train_state(config, mesh)
     for _ in range(repeats):
       started = time.perf_counter()
       jax.block_until_ready(checkpoints.restore(mngr, abstract, repeats))
@@ -193,7 +195,7 @@ def synthetic_photos(directory: str, width: int, height: int, count: int,
 
 
 def time_input_pipeline(config, warmup: int, repeats: int,
-                        steps: int) -> dict[str, object]:
+                        steps_per_repeat: int) -> dict[str, object]:
   """Train batches/sec on the host (all its cores), median over repeats."""
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   src = input_pipeline.source(config, config.dataset.train_split)
@@ -203,9 +205,10 @@ def time_input_pipeline(config, warmup: int, repeats: int,
   rates, cpu_per_image = [], []
   for _ in range(repeats):
     started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(steps):
+    for _ in range(steps_per_repeat):
       next(batches)
-    images = steps * input_pipeline.process_batch_size(config.batch_size)
+    images = steps_per_repeat * input_pipeline.process_batch_size(
+        config.batch_size)
     rates.append(images / (time.perf_counter() - started))
     cpu_per_image.append((time.process_time() - cpu_started) / images)
     print(f'{rates[-1]:.1f} images/sec, {1000 * cpu_per_image[-1]:.2f} CPU '
@@ -228,7 +231,7 @@ def time_input_pipeline(config, warmup: int, repeats: int,
   }
 
 
-def _input_pipeline_on_photos(config, warmup, repeats, steps):
+def _input_pipeline_on_photos(config, warmup, repeats, steps_per_repeat):
   """time_input_pipeline on synthetic photos, or on their prepared copy."""
   width, height = (int(v) for v in _PHOTOS.value.split('x'))
   with tempfile.TemporaryDirectory() as tmp:
@@ -242,7 +245,7 @@ def _input_pipeline_on_photos(config, warmup, repeats, steps):
       copy = os.path.join(tmp, 'copy')
       dataset_tools.prepare(config, copy)
       config.dataset.name = f'folder:{copy}'
-    result = time_input_pipeline(config, warmup, repeats, steps)
+    result = time_input_pipeline(config, warmup, repeats, steps_per_repeat)
   return dict(result, photos=_PHOTOS.value, prepared=_PREPARED.value,
               photo_bytes=round(mean_bytes))
 

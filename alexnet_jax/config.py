@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 from typing import Any, Optional
 
 import ml_collections
@@ -93,7 +92,9 @@ def default() -> ml_collections.ConfigDict:
   c.eval.batch_size = 128
 
   c.log_every_steps = 100
-  c.eval_every_steps = -1          # -1: once an epoch
+  # Intervals in steps, both read one way: N > 0 every N steps, -1 once an
+  # epoch, 0 only at the end. A run also evaluates and saves at its end.
+  c.eval_every_steps = -1
   c.checkpoint_every_steps = 5000
   c.keep_checkpoints = 3
   return c
@@ -264,6 +265,11 @@ def validate(config) -> None:
   _check_range(config, ('weight_decay', 'warmup_epochs',
                          'dataset.lighting_std'),
                0, math.inf, True, 'a number of 0 or more')
+  for key in ('eval_every_steps', 'checkpoint_every_steps'):
+    if _get(config, key) < -1:
+      raise errors.UserError(f'{key}={_get(config, key)}: give a number of '
+                             f'steps, -1 for once an epoch or 0 for only at '
+                             f'the end')
   if config.num_train_steps <= 0 and config.num_train_steps != -1:
     raise errors.UserError(f'num_train_steps={config.num_train_steps}: give a '
                            f'number of steps above 0, or -1 for num_epochs')

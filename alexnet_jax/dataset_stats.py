@@ -2,10 +2,9 @@
 
 `--mode=stats` writes WORKDIR/dataset_stats.npz; pointing
 --config.dataset.stats_file at it makes training and evaluation use the
-measured values instead of the released ImageNet ones, and
---config.dataset.mean=per_pixel subtracts the mean image as the released
-code did (its centre image_size square, for every crop). No TensorFlow here:
-the train step needs the mean on machines without it.
+measured values instead of the released ImageNet ones (the mean that is
+subtracted is normalization.mean). No TensorFlow here: the train step needs
+the mean on machines without it.
 """
 
 import dataclasses
@@ -58,31 +57,14 @@ def from_sums(image_sum, pixel_outer_sum, examples: int) -> Stats:
                np.sqrt(np.maximum(eigvals, 0.0)), eigvecs, examples)
 
 
-def _from_file(config):
+def from_config(config) -> "Stats | None":
+  """The stats of dataset.stats_file, or None when it is not set."""
   return load(config.dataset.stats_file) if config.dataset.stats_file else None
-
-
-def mean(config) -> np.ndarray:
-  """What the device subtracts: (3,) per channel, or (S, S, 3) per pixel.
-
-  config.validate has checked that per_pixel comes with a stats_file.
-  """
-  stats = _from_file(config)
-  if config.dataset.mean == 'per_channel':
-    return np.asarray(stats.mean_rgb if stats else config.dataset.mean_rgb,
-                      np.float32)
-  full, size = stats.mean_image.shape[0], config.image_size
-  if full != config.resize_size:
-    raise errors.UserError(
-        f'{config.dataset.stats_file} was made with resize_size={full}, not '
-        f'{config.resize_size}: run --mode=stats again with this config')
-  top = (full - size) // 2
-  return stats.mean_image[top:top + size, top:top + size].astype(np.float32)
 
 
 def pca(config) -> tuple[np.ndarray, np.ndarray]:
   """(sqrt-eigenvalues, eigenvector columns) for the PCA lighting."""
-  stats = _from_file(config)
+  stats = from_config(config)
   if stats is not None:
     return stats.pca_eigvals, stats.pca_eigvecs
   return (np.asarray(config.dataset.pca_eigvals),

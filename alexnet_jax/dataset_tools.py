@@ -12,28 +12,17 @@ import os
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
 from alexnet_jax import augment
 from alexnet_jax import dataset_stats
+from alexnet_jax import distributed
 from alexnet_jax import errors
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
 
 JPEG_QUALITY = 95
-
-
-def _summed_over_processes(value: np.ndarray) -> np.ndarray:
-  """value added up over the processes of the job; also waits for them all.
-
-  (Carried as float32 between processes: JAX's default.)
-  """
-  if jax.process_count() == 1:
-    return value
-  return np.sum(multihost_utils.process_allgather(value), axis=0,
-                dtype=np.float64)
 
 
 def check_output(config, out_dir: str) -> None:
@@ -86,7 +75,7 @@ def prepare(config, out_dir: str) -> None:
                       split)
     # Every process has written its share before the manifest marks the copy
     # complete.
-    counts[split] = int(_summed_over_processes(np.asarray(len(done))))
+    counts[split] = int(distributed.all_processes(np.asarray(len(done))).sum())
     metric_writer.report(f'{split}: {counts[split]} of {src.num_examples} '
                          f'images written to {folder}')
   if jax.process_index() == 0:
@@ -130,8 +119,11 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
     image_sum += images.sum(0)
     outer_sum += outer.sum(0)
     count += len(images)
-  image_sum, outer_sum, count = (_summed_over_processes(np.asarray(x))
-                                 for x in (image_sum, outer_sum, count))
+  # Summed over the processes (carried as float32 between them, JAX's
+  # default, then added in float64).
+  image_sum, outer_sum, count = (
+      distributed.all_processes(np.asarray(x)).sum(0, dtype=np.float64)
+      for x in (image_sum, outer_sum, count))
   result = dataset_stats.from_sums(image_sum, outer_sum, int(count))
   path = os.path.join(workdir, dataset_stats.FILE_NAME)
   if jax.process_index() == 0:

@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 
 _SCHEDULER_PROCESS_COUNTS = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 
@@ -40,3 +41,12 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+def all_processes(value: np.ndarray) -> np.ndarray:
+  """Each process's `value` (same shape everywhere), stacked in process
+  order: (processes, ...). Also waits for every process to get here."""
+  if jax.process_count() == 1:
+    return np.asarray(value)[None]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(value))

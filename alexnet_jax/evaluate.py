@@ -3,12 +3,11 @@
 import jax
 import numpy as np
 
-from alexnet_jax import checkpoints
-from alexnet_jax import config as config_lib
+from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax import steps
 
 
 def evaluate_params(config, mesh, eval_step, members: tuple,
@@ -20,32 +19,13 @@ def evaluate_params(config, mesh, eval_step, members: tuple,
   'examples' is how many were evaluated over all processes: the split less
   any files screened out as undecodable.
   """
-  totals, towers = None, train.mesh_towers(config, mesh)
+  totals, towers = None, steps.mesh_towers(config, mesh)
   global_batch = parallel.padded_batch(config.eval.batch_size, mesh, towers)
   for batch in input_pipeline.eval_batches(config, src, global_batch):
     sums = eval_step(members, parallel.shard_batch(batch, mesh, towers))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
-  return dict(train.means(totals), examples=int(totals['count']))
-
-
-def restore_params(config, mesh, spec: str, allow_config_change: bool):
-  """The parameters of 'WORKDIR' or 'WORKDIR@WHICH' (latest, best, a step)."""
-  workdir, _, which = spec.partition('@')
-  mngr = checkpoints.manager(workdir, read_only=True)
-  step = checkpoints.find_step(mngr, which or 'latest')
-  try:
-    if not allow_config_change:
-      checkpoints.check_config(mngr, step, config,
-                               only=config_lib.NETWORK_KEYS)
-    state = checkpoints.restore(mngr, train.abstract_train_state(config, mesh),
-                                step)
-  except checkpoints.DamagedCheckpoint as e:
-    others = [s for s in mngr.all_steps() if s != step]
-    raise checkpoints.DamagedCheckpoint(
-        f'{e}: it is not used. Choose another with --checkpoint=STEP '
-        f'(steps there: {others or "none"})') from e
-  return state.params, step
+  return dict(steps.means(totals), examples=int(totals['count']))
 
 
 def run(config, workdir: str, checkpoint: str = 'latest',
@@ -60,17 +40,18 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   """
   mesh = parallel.make_mesh(config)
   specs = (f'{workdir}@{checkpoint}', *ensemble)
-  params, steps = zip(*[restore_params(config, mesh, spec, allow_config_change)
+  params, member_steps = zip(*[inference.restore_params(config, mesh, spec,
+                                                 allow_config_change)
                         for spec in specs])
   src = input_pipeline.source(config, config.dataset.eval_split)
-  metrics = evaluate_params(config, mesh, train.make_eval_step(config, mesh),
+  metrics = evaluate_params(config, mesh, steps.make_eval_step(config, mesh),
                             params, src)
-  step = steps[0]
+  step = member_steps[0]
   split = f'eval_{config.eval.crops}crop'
   if ensemble:
     split = f'ensemble{len(specs)}_{config.eval.crops}crop'
     metric_writer.report('ensemble of ' + ', '.join(
-        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, steps)))
+        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, member_steps)))
   metric_writer.MetricWriter(workdir).write(step, split, metrics)
   metric_writer.report(f'step {step} {split}: ' + ', '.join(
       f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'

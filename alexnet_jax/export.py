@@ -14,13 +14,13 @@ from jax.experimental import jax2tf
 import numpy as np
 import tensorflow as tf
 
-from alexnet_jax import predict
+from alexnet_jax import inference
 
 
 def run(config, workdir: str, checkpoint: str, export_dir: str = '',
         allow_config_change: bool = False) -> str:
   """Write the SavedModel (default: WORKDIR/saved_model); return its path."""
-  params, step, names = predict.restore_to_look_at(
+  params, step, names = inference.load(
       'export', config, workdir, checkpoint, allow_config_change)
   export_dir = export_dir or os.path.join(workdir, 'saved_model')
   size = config.image_size
@@ -29,7 +29,7 @@ def run(config, workdir: str, checkpoint: str, export_dir: str = '',
   module.params = tf.nest.map_structure(
       tf.Variable, jax.tree.map(np.asarray, params))
   probabilities = jax2tf.convert(
-      predict.probabilities_fn(config), polymorphic_shapes=[None, '(b, ...)'],
+      inference.probabilities_fn(config), polymorphic_shapes=[None, '(b, ...)'],
       with_gradient=False)
 
   @tf.function(autograph=False, input_signature=[

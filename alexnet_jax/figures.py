@@ -17,18 +17,16 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 import tensorflow as tf
 
 from alexnet_jax import augment
-from alexnet_jax import dataset_stats
+from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import models
-from alexnet_jax import predict
-from alexnet_jax import train
+from alexnet_jax import normalization
 
 KERNEL_ZOOM = 4        # screen pixels per kernel pixel
 KERNEL_GAP = 2         # between kernels
@@ -109,17 +107,6 @@ def grid(images: list[np.ndarray], columns: int, gap: int = 4) -> np.ndarray:
   return out
 
 
-def fc7_features(model: models.AlexNet, params, images: jax.Array,
-                 mean) -> jax.Array:
-  """The network's last hidden layer (fc7 after its ReLU) for uint8 images."""
-  _, state = model.apply(
-      {'params': params}, train.normalize(images, mean),
-      capture_intermediates=lambda module, method: (
-          module.name == 'fc7' and method == '__call__'))
-  towers = state['intermediates']['fc7']['__call__'][0]
-  return jax.nn.relu(jnp.concatenate(towers, axis=-1))
-
-
 def nearest(queries: np.ndarray, pool: np.ndarray,
             count: int) -> tuple[np.ndarray, np.ndarray]:
   """Indices into `pool` of each query's `count` nearest rows (Euclidean,
@@ -163,10 +150,10 @@ def prediction_figure(probabilities_fn, params, names, images: np.ndarray,
                       labels: np.ndarray) -> tuple[np.ndarray, list[list]]:
   """Figure 4 (left) for `images` (centre crops), and each one's top 5.
 
-  probabilities_fn: `predict.probabilities_fn(config)`, compiled once.
+  probabilities_fn: `inference.probabilities_fn(config)`, compiled once.
   """
   probabilities = np.asarray(probabilities_fn(params, images))
-  tops = [predict.top5(p, names) for p in probabilities]
+  tops = [inference.top5(p, names) for p in probabilities]
   panels = [prediction_panel(image, names[label], top)
             for image, label, top in zip(images, labels, tops)]
   return grid(panels, columns=4), tops
@@ -175,7 +162,7 @@ def prediction_figure(probabilities_fn, params, names, images: np.ndarray,
 def training_figures(config, names, shown):
   """params -> the conv1 grid, and prediction panels for `shown` (from
   `first`); the network is compiled once, not at each call."""
-  probabilities_fn = predict.probabilities_fn(config)
+  probabilities_fn = inference.probabilities_fn(config)
 
   def draw(params) -> dict[str, np.ndarray]:
     predictions, _ = prediction_figure(probabilities_fn, params, names,
@@ -188,7 +175,7 @@ def training_figures(config, names, shown):
 def run(config, workdir: str, checkpoint: str, pool_size: int,
         allow_config_change: bool = False) -> dict:
   """Write the figures of workdir's checkpoint to workdir/figures."""
-  params, step, names = predict.restore_to_look_at(
+  params, step, names = inference.load(
       'figures', config, workdir, checkpoint, allow_config_change)
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)
@@ -197,13 +184,13 @@ def run(config, workdir: str, checkpoint: str, pool_size: int,
 
   eval_src = input_pipeline.source(config, config.dataset.eval_split)
   shown = first(config, eval_src, PREDICTION_IMAGES)
-  figure, tops = prediction_figure(predict.probabilities_fn(config), params,
+  figure, tops = prediction_figure(inference.probabilities_fn(config), params,
                                    names, shown['image'], shown['label'])
   save_png(figure, os.path.join(out, 'predictions.png'))
 
   # Figure 4, right: fc7 of the queries against a sample of training images.
-  model, mean = models.build(config), dataset_stats.mean(config)
-  features = jax.jit(lambda p, x: fc7_features(model, p, x, mean))
+  model, mean = models.build(config), normalization.mean(config)
+  features = jax.jit(lambda p, x: inference.fc7_features(model, p, x, mean))
   train_src = input_pipeline.source(config, config.dataset.train_split)
   pool, pool_labels, pool_indices = [], [], []
   for batch in _examples(config, train_src, pool_size).as_numpy_iterator():

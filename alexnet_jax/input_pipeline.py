@@ -4,7 +4,7 @@ Every source yields (encoded image bytes, label), so the built-in dataset, a
 folder of class folders and TFDS datasets share one decoding and
 augmentation path (augment.py). Train batches carry uint8 pixels and the PCA
 lighting shift drawn for each image; the device subtracts the mean and adds
-the shift (see train.normalize), which keeps host-to-device traffic at a
+the shift (normalization.py), which keeps host-to-device traffic at a
 byte a pixel.
 
 The train stream is a pure function of (seed, process, position): position p
@@ -16,23 +16,23 @@ store but the step.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import tarfile
 import zlib
 from typing import Callable, Iterator, Optional
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
 from alexnet_jax import augment
 from alexnet_jax import builtin_data
+from alexnet_jax import distributed
 from alexnet_jax import errors
+from alexnet_jax import normalization
+from alexnet_jax import screening
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _ENDLESS = 2**62
@@ -70,141 +70,13 @@ def _share(count: int) -> slice:
 def _from_every_process(local: list[bool], count: int) -> np.ndarray:
   """The flags of all `count` items, from each process's `_share` of them."""
   processes = jax.process_count()
-  if processes == 1:
-    return np.asarray(local, bool)
   padded = np.zeros(-(-count // processes), bool)
   padded[:len(local)] = local
-  shares = multihost_utils.process_allgather(padded)  # (processes, width)
+  shares = distributed.all_processes(padded)  # (processes, width)
   every = np.zeros(count, bool)
   for process in range(processes):
     every[process::processes] = shares[process, :len(every[process::processes])]
   return every
-
-
-def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
-  """Decode every file once; for each that decodes: (is JPEG, ends with the
-  JPEG end marker, colour channels in the file). Missing indices failed."""
-
-  def check(index, path):
-    data = tf.io.read_file(path)
-    # Decode all that training can use: the centre square. Raises (and the
-    # file is left out) if it cannot be decoded.
-    decoded = augment.decode_window(data, 256, 0, 0, 256)
-    with tf.control_dependencies([decoded]):  # unused, so kept explicitly
-      index = tf.identity(index)
-    is_jpeg = tf.io.is_jpeg(data)
-    channels = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2],
-                       lambda: tf.constant(3))
-    complete = tf.strings.substr(data, tf.strings.length(data) - 2, 2) == (
-        b'\xff\xd9')
-    return index, is_jpeg, complete, channels
-
-  ds = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
-      check, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.ignore_errors()
-  return {int(i): (bool(j), bool(c), int(ch))
-          for i, j, c, ch in ds.as_numpy_iterator()}
-
-
-def _unreadable(path: str) -> Optional[str]:
-  """Why the file cannot be read at all (permissions, a dangling symlink or
-  a loop, an I/O error), or None. Such a file may be fixed without its
-  size or time changing, so it is checked again on every run."""
-  try:
-    with open(path, 'rb') as f:
-      f.read(1)
-  except OSError as e:
-    return (e.strerror or str(e)).lower()
-  return None
-
-
-def _decode_failure(path: str) -> str:
-  """Why a readable file failed to decode, in TensorFlow's words."""
-  try:
-    augment.decode_window(tf.io.read_file(path), 256, 0, 0, 256)
-  except tf.errors.OpError as e:
-    message = e.message.splitlines()[0] if e.message else type(e).__name__
-    # TensorFlow wraps the reason in the names of its graph and op.
-    return re.sub(r'\{\{.*?\}\}\s*|\s*\[Op:.*$', '', message)
-  return 'not a decodable image'
-
-
-def _screen_now(paths: list[str]) -> tuple[list[str], list[str]]:
-  """(files that fail to decode, files that cannot be read), each logged
-  with its reason; repaired files are logged too."""
-  if not paths:
-    return [], []
-  kinds = _screen_file_kinds(paths)
-  bad, unreadable = [], []
-  for i, path in enumerate(paths):
-    if i in kinds:
-      continue
-    reason = _unreadable(path)
-    if reason is None:
-      reason = _decode_failure(path)
-      bad.append(path)
-    else:
-      unreadable.append(path)
-    logging.warning('skipping %s: %s', path, reason)
-  repairs = {
-      'truncated JPEG, missing part filled grey':
-          [p for i, p in enumerate(paths) if i in kinds and kinds[i][0]
-           and not kinds[i][1]],
-      'not a JPEG despite its name, decoded as what it is':
-          [p for i, p in enumerate(paths) if i in kinds and not kinds[i][0]
-           and p.lower().endswith(('.jpg', '.jpeg'))],
-      'grey or CMYK JPEG, converted to RGB':
-          [p for i, p in enumerate(paths) if i in kinds and kinds[i][0]
-           and kinds[i][2] != 3],
-  }
-  for what, repaired in repairs.items():
-    for path in repaired:
-      logging.warning('repaired %s: %s', path, what)
-  if bad or unreadable or any(repairs.values()):
-    logging.warning('checked %d files: %d skipped, %d repaired', len(paths),
-                    len(bad) + len(unreadable),
-                    sum(map(len, repairs.values())))
-  return bad, unreadable
-
-
-def _file_key(path: str) -> str:
-  try:
-    st = os.stat(path)
-  except OSError:
-    return f'{path}\tunreadable\n'
-  return f'{path}\t{st.st_size}\t{st.st_mtime_ns}\n'
-
-
-def screen(paths: list[str], cache_dir: str) -> list[bool]:
-  """Which files can be decoded; each bad, unreadable or repaired file is
-  logged with the reason.
-
-  Files that do not decode are kept in cache_dir, keyed by the files' names,
-  sizes and times, so a dataset is decoded in full once, not on every run.
-  Files that could not be read are not taken as bad: they are tried again
-  on every run.
-  """
-  fingerprint = hashlib.sha256()
-  for path in paths:
-    fingerprint.update(_file_key(path).encode())
-  cache = os.path.join(cache_dir, 'screened',
-                       fingerprint.hexdigest()[:32] + '.json')
-  if os.path.exists(cache):
-    with open(cache) as f:
-      cached = json.load(f)
-    retried_bad, unreadable = _screen_now(cached.get('unreadable', []))
-    skipped = set(cached['bad']) | set(retried_bad) | set(unreadable)
-    return [path not in skipped for path in paths]
-  bad, unreadable = _screen_now(paths)
-  try:
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    with open(cache + '.tmp', 'w') as f:
-      json.dump({'bad': bad, 'unreadable': unreadable}, f)
-    os.replace(cache + '.tmp', cache)
-  except OSError as e:  # a read-only cache only costs time
-    logging.warning('cannot keep the screening result in %s: %s', cache, e)
-  skipped = set(bad) | set(unreadable)
-  return [path not in skipped for path in paths]
 
 
 def _class_names(split_dir: str, root: str) -> tuple[str, ...]:
@@ -259,7 +131,8 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
   if not paths:
     raise DatasetError(f'no image files under {split_dir}/<class name>/')
   # Each process screens its share; all then know every file's result.
-  good = _from_every_process(screen(paths[_share(len(paths))], cache_dir),
+  good = _from_every_process(
+      screening.screen(paths[_share(len(paths))], cache_dir),
                              len(paths))
   paths = [p for p, ok in zip(paths, good) if ok]
   labels = np.asarray([y for y, ok in zip(labels, good) if ok], np.int64)
@@ -390,6 +263,24 @@ def source(config, split: str) -> Source:
   return _tfds_source(config, split)
 
 
+def output_names(config, dataset_classes) -> tuple[str, ...]:
+  """The name of each of the network's model.num_classes outputs.
+
+  One rule for training and for predict, figures and export: a dataset may
+  use fewer classes than the network has outputs (the rest are named
+  'class N'), never more.
+  """
+  if len(dataset_classes) > config.model.num_classes:
+    raise DatasetError(
+        f'{config.dataset.name} has {len(dataset_classes)} classes but '
+        f'model.num_classes is {config.model.num_classes}: set '
+        f'--config.model.num_classes={len(dataset_classes)}, or '
+        f'--config.dataset.name to the dataset the network was trained on')
+  return tuple(dataset_classes) + tuple(
+      f'class {i}' for i in range(len(dataset_classes),
+                                  config.model.num_classes))
+
+
 def class_names(config) -> tuple[str, ...]:
   """The training split's class names in label order, from the dataset's
   metadata alone (no image is read)."""
@@ -500,7 +391,7 @@ def eval_batches(config, src: Source,
 
   Padding fills the last batch, and whole batches where this process has
   fewer examples than another, so every process runs the same number of
-  steps; 'mask' is 1 for real examples only.
+  steps; normalization.MASK is 1 for real examples only.
   """
   batch = process_batch_size(global_batch)
   most_per_process = -(-src.num_examples // jax.process_count())
@@ -515,8 +406,8 @@ def eval_batches(config, src: Source,
     b = next(batches, None)
     if b is None:
       b = {k: v[:0] for k, v in padding.items()}
-    real = b['label'].shape[0]
-    b['mask'] = np.ones(real, np.float32)
+    real = b[normalization.LABEL].shape[0]
+    b[normalization.MASK] = np.ones(real, np.float32)
     if real < batch:
       b = {k: np.concatenate([v, np.zeros((batch - real,) + v.shape[1:],
                                           v.dtype)]) for k, v in b.items()}

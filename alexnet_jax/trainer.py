@@ -18,7 +18,7 @@ from alexnet_jax import metric_writer
 from alexnet_jax import optimizer
 from alexnet_jax import parallel
 from alexnet_jax import preemption
-from alexnet_jax import train
+from alexnet_jax import steps
 
 
 class NonFiniteLossError(errors.UserError):
@@ -35,8 +35,9 @@ def _diverged(mngr, what: str, step: int) -> NonFiniteLossError:
       f'with it, add --allow_config_change)')
 
 
-def _every(config_value: int, default: int) -> int:
-  return default if config_value <= 0 else config_value
+def _every(config_value: int, steps_per_epoch: int, total_steps: int) -> int:
+  """An interval key's steps: N, -1 once an epoch, 0 only at the end."""
+  return {-1: steps_per_epoch, 0: total_steps}.get(config_value, config_value)
 
 
 def eta_text(remaining_steps: int, train_seconds: float,
@@ -63,7 +64,7 @@ def _check_memory(config, mesh) -> None:
   layers are). Activations come on top, so this only catches what surely
   fails, such as an image_size whose fc6 grows past memory.
   """
-  shapes = jax.eval_shape(lambda: train.create_train_state(config))
+  shapes = jax.eval_shape(lambda: steps.create_train_state(config))
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
   per_device = 3 * state_bytes / mesh.shape[parallel.TOWER]
   device = mesh.devices.flat[0]
@@ -104,28 +105,26 @@ def _resume_or_start(config, mesh, mngr, allow_config_change: bool):
         checkpoints.check_config(mngr, step, config,
                                  ignore=config_lib.MAY_CHANGE_ON_RESUME)
       return checkpoints.restore(
-          mngr, train.abstract_train_state(config, mesh), step)
+          mngr, steps.abstract_train_state(config, mesh), step)
     except checkpoints.DamagedCheckpoint as e:
       moved = checkpoints.set_aside(mngr, step)
       logging.warning('%s; moved to %s, resuming from an earlier one', e,
                       moved)
-  return train.create_sharded_train_state(config, mesh)
+  return steps.create_sharded_train_state(config, mesh)
 
 
-def _tensorboard_figures(config, eval_src, class_names):
+def _tensorboard_figures(config, eval_src, names):
   """params -> the images TensorBoard shows at each evaluation: the conv1
   kernels and the predictions for a few evaluation images. None with
   several processes, where no one process holds all the parameters."""
   if jax.process_count() > 1:
     return None
   shown = figures.first(config, eval_src, 4)
-  names = tuple(class_names) + tuple(  # classes the dataset does not use
-      f'class {i}' for i in range(len(class_names), config.model.num_classes))
   return figures.training_figures(config, names, shown)
 
 
 def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
-  """Evaluate and log the state; the plateau rule sees its top-1 error."""
+  """Evaluate the state and log its metrics."""
   step = int(state.step)
   metrics = evaluate.evaluate_params(config, mesh, eval_step, (state.params,),
                                      eval_src)
@@ -135,21 +134,15 @@ def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
   metric_writer.report(
       f'step {step} eval: top1_error {metrics["top1_error"]:.4f}, '
       f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}')
-  if config.lr_schedule == 'plateau':
-    state = state.replace(plateau=optimizer.update_plateau(
-        state.plateau, metrics['top1_error'],
-        patience=config.plateau.patience,
-        max_reductions=config.plateau.max_reductions,
-        min_delta=config.plateau.min_delta))
-  return state, metrics
+  return metrics
 
 
 class _StepTrace:
   """A jax.profiler trace of the steps after `start` up to `end`, in
   WORKDIR/profile, for TensorBoard's profile plugin and Perfetto."""
 
-  def __init__(self, steps: Optional[tuple[int, int]], workdir: str):
-    self._steps, self._tracing = steps, False
+  def __init__(self, step_range: Optional[tuple[int, int]], workdir: str):
+    self._steps, self._tracing = step_range, False
     self._folder = os.path.join(workdir, 'profile')
 
   def before(self, step: int) -> None:
@@ -168,7 +161,7 @@ class _StepTrace:
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                        profile_steps: Optional[tuple[int, int]] = None
-                       ) -> train.TrainState:
+                       ) -> steps.TrainState:
   """Train from scratch, or resume from the latest checkpoint in workdir.
 
   A resumed run must have the config it started with, but for the keys in
@@ -177,20 +170,17 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   """
   train_src = input_pipeline.source(config, config.dataset.train_split)
   eval_src = input_pipeline.source(config, config.dataset.eval_split)
-  if len(train_src.class_names) > config.model.num_classes:
-    raise input_pipeline.DatasetError(
-        f'the dataset has {len(train_src.class_names)} classes but '
-        f'model.num_classes is {config.model.num_classes}: set '
-        f'--config.model.num_classes={len(train_src.class_names)}')
+  names = input_pipeline.output_names(config, train_src.class_names)
   steps_per_epoch = input_pipeline.steps_per_epoch(config,
                                                    train_src.num_examples)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
-  eval_every = _every(config.eval_every_steps, steps_per_epoch)
-  checkpoint_every = _every(config.checkpoint_every_steps, total_steps)
+  eval_every = _every(config.eval_every_steps, steps_per_epoch, total_steps)
+  checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch,
+                            total_steps)
 
   mesh = parallel.make_mesh(config)
-  towers = train.mesh_towers(config, mesh)
+  towers = steps.mesh_towers(config, mesh)
   parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
   _check_memory(config, mesh)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
@@ -206,11 +196,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                          f'{step} of {total_steps}: training is complete')
     return state
   _write_config(config, workdir)
-  train_step = train.make_train_step(config, mesh, steps_per_epoch)
-  eval_step = train.make_eval_step(config, mesh)
+  train_step = steps.make_train_step(config, mesh, steps_per_epoch)
+  eval_step = steps.make_eval_step(config, mesh)
   writer = metric_writer.MetricWriter(workdir)
   writer.mark_replayed(step)
-  figures_of = _tensorboard_figures(config, eval_src, train_src.class_names)
+  figures_of = _tensorboard_figures(config, eval_src, names)
 
   batches = input_pipeline.train_dataset(
       config, train_src, start_step=step).as_numpy_iterator()
@@ -254,13 +244,19 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
         # train images/sec and out of the evaluation's.
         jax.block_until_ready(state)
         eval_started = time.time()
-        state, eval_metrics = _evaluate(config, mesh, eval_step, eval_src,
-                                        state, writer, figures_of)
+        eval_metrics = _evaluate(config, mesh, eval_step, eval_src, state,
+                                 writer, figures_of)
+        if config.lr_schedule == 'plateau':  # the rate falls on a plateau
+          state = state.replace(plateau=optimizer.update_plateau(
+              state.plateau, eval_metrics['top1_error'],
+              patience=config.plateau.patience,
+              max_reductions=config.plateau.max_reductions,
+              min_delta=config.plateau.min_delta))
         last_log_time += time.time() - eval_started
       stopping = stop_requests.requested(step)
       if (eval_metrics is not None or stopping or step == total_steps
           or step % checkpoint_every == 0):
-        if not train.all_finite(state.params):
+        if not steps.all_finite(state.params):
           raise _diverged(mngr, 'the parameters became non-finite', step)
         checkpoints.save(mngr, state, config, eval_metrics)
       if stopping and step < total_steps:

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from alexnet_jax import augment
 from alexnet_jax import config as config_lib
-from alexnet_jax import train
+from alexnet_jax import normalization
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -63,8 +63,8 @@ def test_pca_lighting_has_the_paper_covariance_and_is_one_shift_per_image():
                              atol=0.02 * want.max())
   # On the device the shift is added to every pixel of its image alike.
   images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), np.uint8)
-  lit = np.asarray(train.normalize(images, (1., 2., 3.), shifts[:2]))
-  plain = np.asarray(train.normalize(images, (1., 2., 3.)))
+  lit = np.asarray(normalization.normalize(images, (1., 2., 3.), shifts[:2]))
+  plain = np.asarray(normalization.normalize(images, (1., 2., 3.)))
   np.testing.assert_allclose(lit - plain,
                              np.broadcast_to(shifts[:2, None, None],
                                              lit.shape), atol=1e-4)

@@ -93,24 +93,20 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
   builtin = os.path.join(data_dir, next(
       d for d in os.listdir(data_dir) if d.startswith('builtin_')))
 
+  # Config values, checked when the config is read: override -> the error.
+  bad_values = {
+      'batch_size=0': 'batch_size=0', 'batch_size=-4': 'batch_size=-4',
+      'log_every_steps=0': 'log_every_steps=0',
+      'eval.batch_size=0': 'eval.batch_size=0',
+      'keep_checkpoints=-1': 'keep_checkpoints=-1',
+      'learning_rate=nan': 'learning_rate=nan',
+      'learning_rate=-0.1': 'learning_rate=-0.1',
+      'eval_every_steps=-2': 'eval_every_steps=-2',
+      'dtype=float16': 'use --config.dtype=bfloat16',
+  }
   cases = {
-      # Config values, checked when the config is read.
-      'batch 0': ([*main, *tiny, '--config.batch_size=0', f'--workdir={new}'],
-                  'batch_size=0'),
-      'batch -4': ([*main, *tiny, '--config.batch_size=-4',
-                    f'--workdir={new}'], 'batch_size=-4'),
-      'log every 0': ([*main, *tiny, '--config.log_every_steps=0',
-                       f'--workdir={new}'], 'log_every_steps=0'),
-      'eval batch 0': ([*main, *tiny, '--config.eval.batch_size=0',
-                        f'--workdir={new}'], 'eval.batch_size=0'),
-      'keep -1': ([*main, *tiny, '--config.keep_checkpoints=-1',
-                   f'--workdir={new}'], 'keep_checkpoints=-1'),
-      'lr nan': ([*main, *tiny, '--config.learning_rate=nan',
-                  f'--workdir={new}'], 'learning_rate=nan'),
-      'lr negative': ([*main, *tiny, '--config.learning_rate=-0.1',
-                       f'--workdir={new}'], 'learning_rate=-0.1'),
-      'float16': ([*main, *tiny, '--config.dtype=float16',
-                   f'--workdir={new}'], 'use --config.dtype=bfloat16'),
+      **{value: ([*main, *tiny, f'--config.{value}', f'--workdir={new}'],
+                 expected) for value, expected in bad_values.items()},
       'figure pool 0': ([*main, *tiny, '--mode=figures', '--figure_pool=0',
                          f'--workdir={trained}'], '--figure_pool=0'),
       'parameters past memory': (

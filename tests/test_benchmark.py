@@ -4,11 +4,12 @@ import jax
 import pytest
 
 from alexnet_jax import benchmark
-from alexnet_jax import train
+from alexnet_jax import steps
 
 
 def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
-  result = benchmark.time_train_step(tiny_config, warmup=1, repeats=2, steps=1)
+  result = benchmark.time_train_step(tiny_config, warmup=1, repeats=2,
+                                     steps_per_repeat=1)
   assert len(result['repeats']) == 2 and result['images_per_sec'] > 0
   # images_per_sec is rounded to 2 decimals, step_ms from the exact rate.
   assert result['step_ms'] == pytest.approx(
@@ -20,6 +21,6 @@ def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):
   assert 0 < result['save_blocking_s'] <= result['save_total_s']
   assert result['restore_s'] > 0
   # Parameters and their momentum: more than the parameters alone.
-  params = jax.eval_shape(lambda: train.create_train_state(tiny_config)).params
+  params = jax.eval_shape(lambda: steps.create_train_state(tiny_config)).params
   assert result['megabytes'] > sum(
       x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 1e6

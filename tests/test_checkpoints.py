@@ -14,7 +14,7 @@ import pytest
 from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax import steps
 from command_line import assert_bitwise_equal
 from command_line import checkpointed_params
 from command_line import metric_records
@@ -130,20 +130,26 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_run(
                        checkpointed_params(uninterrupted, STEPS))
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_from_it(
-    tmp_path, flags, uninterrupted):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_the_run_resumes_from_it(
+    tmp_path, flags, uninterrupted, signum):
+  """The step finishes and is saved; one line, and the exit status the
+  signal would have given (143, or 130 for Ctrl-C)."""
   run = start_main(*flags, f'--workdir={tmp_path}',
                    '--config.checkpoint_every_steps=100',
                    '--config.log_every_steps=1')
   _read_until(run, f'step 1/{STEPS}')
-  run.send_signal(signal.SIGTERM)
+  run.send_signal(signum)
   _, stderr = run.communicate(timeout=300)
-  assert run.returncode == 128 + signal.SIGTERM
+  assert run.returncode == 128 + signum, stderr[-2000:]
+  assert 'Traceback' not in stderr
   last = stderr.strip().splitlines()[-1]
   assert last.startswith('stopped at step ') and 'run the same command' in last
   stopped_at = int(last.split()[3].rstrip(';'))
   assert stopped_at < STEPS
   assert os.listdir(tmp_path / 'checkpoints') == [str(stopped_at)]
+  with open(tmp_path / 'config.json') as f:   # written before the first step
+    assert json.load(f)['num_train_steps'] == STEPS
 
   resumed = run_main(*flags, f'--workdir={tmp_path}')
   assert f'from step {stopped_at}' in resumed.stdout
@@ -206,7 +212,7 @@ def test_an_ensemble_of_two_checkpoints_from_the_command_line(
 def test_best_is_the_lowest_eval_error_and_is_kept_beside_the_latest(
     tmp_path, tiny_config):
   mesh = parallel.make_mesh(tiny_config)
-  state = train.create_sharded_train_state(tiny_config, mesh)
+  state = steps.create_sharded_train_state(tiny_config, mesh)
   mngr = checkpoints.manager(str(tmp_path), keep=1)
   for step, error in ((1, 0.5), (2, 0.2), (3, None), (4, 0.7)):
     metrics = None if error is None else {'top1_error': error}
@@ -281,30 +287,6 @@ def test_eval_of_a_missing_or_empty_workdir_fails_and_creates_nothing(
   assert not exists or not os.listdir(workdir)
 
 
-def test_ctrl_c_saves_the_step_and_the_run_resumes_from_it(
-    tmp_path, flags, uninterrupted):
-  """SIGINT as SIGTERM: the step finishes, is saved, one line, exit 130."""
-  run = start_main(*flags, f'--workdir={tmp_path}',
-                   '--config.checkpoint_every_steps=100',
-                   '--config.log_every_steps=1')
-  _read_until(run, f'step 1/{STEPS}')
-  run.send_signal(signal.SIGINT)
-  _, stderr = run.communicate(timeout=300)
-  assert run.returncode == 128 + signal.SIGINT, stderr[-2000:]
-  assert 'Traceback' not in stderr
-  last = stderr.strip().splitlines()[-1]
-  assert last.startswith('stopped at step ') and 'run the same command' in last
-  stopped_at = int(last.split()[3].rstrip(';'))
-  assert os.listdir(tmp_path / 'checkpoints') == [str(stopped_at)]
-  with open(tmp_path / 'config.json') as f:
-    assert json.load(f)['num_train_steps'] == STEPS
-
-  resumed = run_main(*flags, f'--workdir={tmp_path}')
-  assert f'from step {stopped_at}' in resumed.stdout
-  assert_bitwise_equal(checkpointed_params(tmp_path, STEPS),
-                       checkpointed_params(uninterrupted, STEPS))
-
-
 def test_a_second_job_on_the_workdir_is_refused_and_a_dead_ones_lock_is_taken(
     tmp_path, flags):
   first = start_main(*flags, f'--workdir={tmp_path}',
@@ -318,7 +300,7 @@ def test_a_second_job_on_the_workdir_is_refused_and_a_dead_ones_lock_is_taken(
                       '--config.learning_rate=0.001', check=False)
     assert second.returncode == 1
     assert _last_line(second).startswith('error: ')
-    assert f'in use by another job (host ' in _last_line(second)
+    assert 'in use by another job (host ' in _last_line(second)
     assert f'pid {first.pid}' in _last_line(second)
   finally:
     first.send_signal(signal.SIGKILL)
@@ -327,7 +309,7 @@ def test_a_second_job_on_the_workdir_is_refused_and_a_dead_ones_lock_is_taken(
   assert os.path.exists(tmp_path / 'job.lock')
   third = run_main(*flags, f'--workdir={tmp_path}',
                    '--config.num_train_steps=2')
-  assert f'taking over the lock of a job that is no longer running' in (
+  assert 'taking over the lock of a job that is no longer running' in (
       third.stderr)
   assert f'pid {first.pid}' in third.stderr
   assert not os.path.exists(tmp_path / 'job.lock')  # released at the end

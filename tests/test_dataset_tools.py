@@ -12,6 +12,7 @@ from alexnet_jax import dataset_stats
 from alexnet_jax import dataset_tools
 from alexnet_jax import errors
 from alexnet_jax import input_pipeline
+from alexnet_jax import normalization
 
 
 def test_prepare_writes_a_copy_at_resize_size_that_trains_alike(tiny_config,
@@ -73,19 +74,19 @@ def test_stats_are_the_mean_and_colour_pca_of_the_images(tiny_config,
   # image per pixel, as the released code subtracted it.
   tiny_config.dataset.stats_file = str(tmp_path / 'work' /
                                        dataset_stats.FILE_NAME)
-  np.testing.assert_allclose(dataset_stats.mean(tiny_config), stats.mean_rgb,
+  np.testing.assert_allclose(normalization.mean(tiny_config), stats.mean_rgb,
                              rtol=1e-6)
   tiny_config.dataset.mean = 'per_pixel'
   start = (size - tiny_config.image_size) // 2
   np.testing.assert_allclose(
-      dataset_stats.mean(tiny_config),
+      normalization.mean(tiny_config),
       stats.mean_image[start:start + 64, start:start + 64], rtol=1e-6)
   eigvals, eigvecs = dataset_stats.pca(tiny_config)
   np.testing.assert_array_equal(eigvecs, v)
   (tmp_path / 'bad.npz').write_bytes(b'not numpy')
   tiny_config.dataset.stats_file = str(tmp_path / 'bad.npz')
   with pytest.raises(errors.UserError, match='make it with --mode=stats'):
-    dataset_stats.mean(tiny_config)
+    normalization.mean(tiny_config)
 
 
 def test_stats_settings_that_cannot_work_are_refused_up_front(tiny_config,

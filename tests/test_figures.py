@@ -14,10 +14,11 @@ from command_line import run_main
 from command_line import tiny_flags
 from alexnet_jax import augment
 from alexnet_jax import figures
+from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import models
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax import steps
 
 
 def test_the_kernel_grid_holds_each_kernel_tower_by_tower():
@@ -127,13 +128,13 @@ def test_predict_gives_the_probabilities_of_the_eval_step(trained, data_dir):
     assert {name for name, _ in line['top5']} <= set(names)
 
   mesh = parallel.make_mesh(config)
-  eval_step = train.make_eval_step(config, mesh)
+  eval_step = steps.make_eval_step(config, mesh)
   top = np.asarray([names.index(line['top5'][0][0]) for line in lines],
                    np.int32)
   sums = eval_step((params,), parallel.shard_batch(
       {'image': _crops(config, files), 'label': top,
        'mask': np.ones(len(files), np.float32)},
-      mesh, train.mesh_towers(config, mesh)))
+      mesh, steps.mesh_towers(config, mesh)))
   want = -np.sum(np.log([line['top5'][0][1] for line in lines]))
   assert float(sums['loss']) == pytest.approx(want, rel=1e-4, abs=1e-5)
 
@@ -170,7 +171,7 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
   # fc7 of every pool image and query, recomputed here; compare each pair.
   config = _config(data_dir)
   model = models.build(config)
-  fc7 = lambda images: np.asarray(figures.fc7_features(
+  fc7 = lambda images: np.asarray(inference.fc7_features(
       model, params, images, config.dataset.mean_rgb))
   train_files = _split_files(config, 'train')
   assert numbers['pool_size'] == 40
@@ -200,7 +201,7 @@ def test_the_exported_saved_model_gives_the_jax_probabilities(trained,
   images = _crops(config, _eval_files(config, 6))
   serve = tf.saved_model.load(export_dir).signatures['serving_default']
   exported = serve(images=tf.constant(images))['probabilities'].numpy()
-  want = np.asarray(train.mean_probabilities(
+  want = np.asarray(steps.mean_probabilities(
       models.build(config), (params,), images, config.dataset.mean_rgb))
   assert exported.shape == (6, 10)
   np.testing.assert_allclose(exported, want, rtol=1e-4, atol=1e-6)
@@ -214,6 +215,6 @@ def test_training_writes_the_kernels_and_predictions_to_tensorboard(
   tags = {value.tag
           for path in glob.glob(os.path.join(workdir, 'tensorboard', 'eval',
                                              '*'))
-          for event in tf.compat.v1.train.summary_iterator(path)
+          for event in tf.compat.v1.steps.summary_iterator(path)
           for value in event.summary.value}
   assert {'conv1_kernels', 'predictions'} <= tags

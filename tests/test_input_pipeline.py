@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from alexnet_jax import builtin_data
 from alexnet_jax import input_pipeline
+from alexnet_jax import screening
 
 
 def _digest(directory):
@@ -205,17 +206,17 @@ def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
     (folder / name).write_bytes(data)
     paths.append(str(folder / name))
   unreadable = str(folder / 'b.jpeg')
-  real_kinds = input_pipeline._screen_file_kinds
+  real_kinds = screening._screen_file_kinds
   monkeypatch.setattr(
-      input_pipeline, '_screen_file_kinds',
+      screening, '_screen_file_kinds',
       lambda ps: {i: k for i, k in real_kinds(ps).items()
                   if ps[i] != unreadable})
-  monkeypatch.setattr(input_pipeline, '_unreadable',
+  monkeypatch.setattr(screening, '_unreadable',
                       lambda p: 'permission denied' if p == unreadable
                       else None)
   cache = str(tmp_path / 'cache')
   with caplog.at_level(logging.WARNING):
-    assert input_pipeline.screen(paths, cache) == [True, False, False]
+    assert screening.screen(paths, cache) == [True, False, False]
   assert f'skipping {unreadable}: permission denied' in caplog.text
   assert f'skipping {paths[2]}: ' in caplog.text
   assert 'Unknown image file format' in caplog.text  # TF's reason, bare
@@ -224,9 +225,9 @@ def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
   monkeypatch.undo()  # readable again, nothing else changed
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    assert input_pipeline.screen(paths, cache) == [True, True, False]
+    assert screening.screen(paths, cache) == [True, True, False]
   assert 'b.jpeg' not in caplog.text
-  assert input_pipeline.screen(paths, cache) == [True, True, False]
+  assert screening.screen(paths, cache) == [True, True, False]
 
 
 def test_a_symlink_loop_and_a_dangling_link_are_skipped_with_their_reasons(
@@ -262,3 +263,35 @@ def test_a_torchvision_style_val_folder_is_the_evaluation_split(
   tiny_config.dataset.name = f'folder:{tmp_path}/data'
   tiny_config.dataset.data_dir = str(tmp_path / 'cache')
   assert input_pipeline.source(tiny_config, 'validation').num_examples == 1
+
+
+def test_imagenet_is_built_through_tfds_from_archives_in_its_manual_folder(
+    tiny_config, tmp_path):
+  """Fake archives in image-net.org's layout, in TFDS's default manual
+  folder: the ImageNet path of a fresh install, end to end (it once failed
+  on an undeclared dependency of tensorflow-datasets)."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'tfds'
+  fake_imagenet.write(str(data_dir / 'downloads' / 'manual'),
+                      train_per_class=3, val_images=5)
+  tiny_config.dataset.name = 'imagenet2012'
+  tiny_config.dataset.data_dir = str(data_dir)
+  train = input_pipeline.source(tiny_config, 'train')
+  assert train.num_examples == 9 and len(train.class_names) == 1000
+  labels = sorted(int(y) for _, y in train.examples.as_numpy_iterator())
+  assert labels == sorted(
+      [train.class_names.index(c) for c in fake_imagenet.CLASSES] * 3)
+  assert input_pipeline.source(tiny_config, 'validation').num_examples == 5
+
+
+def test_one_class_count_rule_for_training_and_for_looking_at_a_network(
+    tiny_config):
+  """A network with more outputs than the dataset has classes trains, and
+  predict, figures and export name the extra outputs; fewer is refused."""
+  tiny_config.model.num_classes = 12
+  names = input_pipeline.output_names(tiny_config, builtin_data.CLASSES)
+  assert names == builtin_data.CLASSES + ('class 10', 'class 11')
+  tiny_config.model.num_classes = 9
+  with pytest.raises(input_pipeline.DatasetError,
+                     match='has 10 classes but model.num_classes is 9'):
+    input_pipeline.output_names(tiny_config, builtin_data.CLASSES)

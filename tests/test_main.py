@@ -98,9 +98,9 @@ def test_the_compute_modules_do_not_import_tensorflow():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from command_line import REPO  # pylint: disable=g-import-not-at-top
-  modules = ('models', 'parallel', 'train', 'optimizer', 'checkpoints',
-             'dataset_stats', 'config', 'preemption', 'distributed',
-             'workdir', 'benchmark')
+  modules = ('models', 'parallel', 'steps', 'optimizer', 'checkpoints',
+             'normalization', 'dataset_stats', 'config', 'preemption',
+             'distributed', 'workdir', 'benchmark')
   code = ('import sys\n' + ''.join(f'import alexnet_jax.{m}\n'
                                     for m in modules)
           + 'print(sorted(m for m in sys.modules if m == "tensorflow"))')

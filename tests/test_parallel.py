@@ -9,7 +9,7 @@ import pytest
 
 from alexnet_jax import errors
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax import steps
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]
 
@@ -24,15 +24,15 @@ def _batch(config, seed=0):
   }
 
 
-def _train(config, data, tower, steps=3):
+def _train(config, data, tower, count=3):
   config.mesh.data, config.mesh.tower = data, tower
   mesh = parallel.make_mesh(config)
-  state = train.create_sharded_train_state(config, mesh)
-  step = train.make_train_step(config, mesh, steps_per_epoch=100)
+  state = steps.create_sharded_train_state(config, mesh)
+  step = steps.make_train_step(config, mesh, steps_per_epoch=100)
   losses = []
-  for i in range(steps):
+  for i in range(count):
     state, metrics = step(state, parallel.shard_batch(
-        _batch(config, i), mesh, train.mesh_towers(config, mesh)))
+        _batch(config, i), mesh, steps.mesh_towers(config, mesh)))
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state.params)
 
@@ -61,7 +61,7 @@ def test_tower_parameters_and_momenta_are_split_over_the_tower_axis(
     tiny_config):
   tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
   mesh = parallel.make_mesh(tiny_config)
-  state = train.create_sharded_train_state(tiny_config, mesh)
+  state = steps.create_sharded_train_state(tiny_config, mesh)
   kernel = state.params['conv2']['kernel']
   assert kernel.shape[0] == 2
   assert {s.data.shape[0] for s in kernel.addressable_shards} == {1}
@@ -95,10 +95,10 @@ def _collectives(hlo: str):
 def _compiled_train_step(config, data, tower) -> str:
   config.mesh.data, config.mesh.tower = data, tower
   mesh = parallel.make_mesh(config)
-  state = train.create_sharded_train_state(config, mesh)
-  step = train.make_train_step(config, mesh, steps_per_epoch=100)
+  state = steps.create_sharded_train_state(config, mesh)
+  step = steps.make_train_step(config, mesh, steps_per_epoch=100)
   return step.lower(state, parallel.shard_batch(
-      _batch(config), mesh, train.mesh_towers(config, mesh))
+      _batch(config), mesh, steps.mesh_towers(config, mesh))
                     ).compile().as_text()
 
 
@@ -202,7 +202,7 @@ def test_hybrid_parameters_are_split_by_output_unit(tiny_config):
   tiny_config.mesh.fc_model_parallel = True
   tiny_config.mesh.data, tiny_config.mesh.tower = 1, 2
   mesh = parallel.make_mesh(tiny_config)
-  state = train.create_sharded_train_state(tiny_config, mesh)
+  state = steps.create_sharded_train_state(tiny_config, mesh)
   fc6 = state.params['fc6']['kernel']
   assert fc6.shape == (1, 32, 512)
   assert {s.data.shape for s in fc6.addressable_shards} == {(1, 32, 256)}
@@ -222,11 +222,11 @@ def test_the_hybrid_refuses_two_towers_and_units_that_do_not_split(
   tiny_config.mesh.fc_model_parallel = True
   tiny_config.mesh.data, tiny_config.mesh.tower = 1, 2
   with pytest.raises(errors.UserError, match='one-tower networks'):
-    train.mesh_towers(tiny_config, parallel.make_mesh(tiny_config))
+    steps.mesh_towers(tiny_config, parallel.make_mesh(tiny_config))
   tiny_config.model.variant = 'one_tower_2014'
   tiny_config.mesh.data, tiny_config.mesh.tower = 1, 4   # 10 classes
   with pytest.raises(errors.UserError, match='10 units .* mesh.tower=4'):
-    train.create_sharded_train_state(tiny_config,
+    steps.create_sharded_train_state(tiny_config,
                                      parallel.make_mesh(tiny_config))
 
 
@@ -249,7 +249,7 @@ def test_a_batch_that_does_not_split_over_data_is_refused(tiny_config):
   tiny_config.mesh.data = 3
   with pytest.raises(errors.UserError, match='multiple of 3'):
     mesh = parallel.make_mesh(tiny_config)
-    parallel.check_batch(16, mesh, train.mesh_towers(tiny_config, mesh),
+    parallel.check_batch(16, mesh, steps.mesh_towers(tiny_config, mesh),
                          'batch_size')
 
 
@@ -261,14 +261,14 @@ def test_hybrid_evaluation_sums_match_one_device(tiny_config):
   batch = {'image': rng.integers(0, 256, (8, 10, 64, 64, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, 8).astype(np.int32),
            'mask': np.asarray([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
-  params = jax.device_get(train.create_train_state(tiny_config).params)
+  params = jax.device_get(steps.create_train_state(tiny_config).params)
   sums = []
   for data, tower in [(1, 1), (2, 2)]:
     tiny_config.mesh.data, tiny_config.mesh.tower = data, tower
     mesh = parallel.make_mesh(tiny_config)
-    eval_step = train.make_eval_step(tiny_config, mesh)
+    eval_step = steps.make_eval_step(tiny_config, mesh)
     sums.append(jax.device_get(eval_step((params,), parallel.shard_batch(
-        batch, mesh, train.mesh_towers(tiny_config, mesh)))))
+        batch, mesh, steps.mesh_towers(tiny_config, mesh)))))
   assert float(sums[0]['count']) == 6
   for key in sums[0]:
     np.testing.assert_allclose(sums[1][key], sums[0][key], rtol=1e-5)
@@ -289,7 +289,7 @@ def test_each_shipped_config_fits_1_2_4_and_8_devices(name):
   for count in (1, 2, 4, 8):
     mesh = parallel.make_mesh(config, jax.devices()[:count])
     assert mesh.size == count
-    towers = train.mesh_towers(config, mesh)
+    towers = steps.mesh_towers(config, mesh)
     parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
     eval_batch = parallel.padded_batch(config.eval.batch_size, mesh, towers)
     parallel.check_batch(eval_batch, mesh, towers, 'eval.batch_size')
@@ -307,9 +307,9 @@ def test_evaluation_pads_a_batch_that_does_not_split_and_counts_each_once(
   for data in (1, 4):
     tiny_config.mesh.data = data
     mesh = parallel.make_mesh(tiny_config)
-    state = train.create_sharded_train_state(tiny_config, mesh)
+    state = steps.create_sharded_train_state(tiny_config, mesh)
     results.append(evaluate.evaluate_params(
-        tiny_config, mesh, train.make_eval_step(tiny_config, mesh),
+        tiny_config, mesh, steps.make_eval_step(tiny_config, mesh),
         (state.params,), src))
   one, four = results
   assert one['examples'] == four['examples'] == 30

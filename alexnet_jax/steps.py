@@ -3,10 +3,8 @@
 Nothing here imports TensorFlow: the GPU benchmark builds these steps on
 machines that only have JAX, Flax, Optax and Orbax.
 
-A batch is a dict of device arrays: 'image' uint8 (B, H, W, 3) as decoded,
-'label' int32 (B,), and for training 'lighting' float32 (B, 3), the PCA
-colour shift the input pipeline drew for each image. Normalising on the
-device keeps host-to-device traffic at one byte per pixel.
+A batch is a dict of device arrays with the keys normalization.py defines;
+the steps normalise it on the device.
 """
 
 from typing import Any, Callable
@@ -18,8 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
-from alexnet_jax import dataset_stats
 from alexnet_jax import models
+from alexnet_jax import normalization
 from alexnet_jax import optimizer
 from alexnet_jax import parallel
 
@@ -89,15 +87,6 @@ def create_sharded_train_state(config, mesh: jax.sharding.Mesh) -> TrainState:
                  out_shardings=state_shardings(config, mesh))()
 
 
-def normalize(images: jax.Array, mean, lighting=None) -> jax.Array:
-  """uint8 pixels to the network's input: minus the mean (per channel or per
-  pixel, dataset_stats.mean), plus lighting."""
-  x = images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)
-  if lighting is not None:
-    x = x + lighting[:, None, None, :]
-  return x
-
-
 def classification_sums(logits: jax.Array, labels: jax.Array,
                         weights: jax.Array) -> dict[str, jax.Array]:
   """Sums of loss, top-1 and top-5 errors over the examples with weight 1.
@@ -162,14 +151,16 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   """
   tx = make_optimizer(config)
   model = mesh_model(config, mesh)
-  mean = dataset_stats.mean(config)
+  mean = normalization.mean(config)
 
   def device_sums(params, batch, rng_data):
-    images = normalize(batch['image'], mean, batch['lighting'])
+    images = normalization.normalize(batch[normalization.IMAGE], mean,
+                                     batch[normalization.LIGHTING])
     logits = model.apply({'params': params}, images, train=True,
                          dropout_rng=jax.random.wrap_key_data(rng_data))
     return _total_over_batch(classification_sums(
-        logits, batch['label'], jnp.ones_like(batch['label'], jnp.float32)),
+        logits, batch[normalization.LABEL],
+        jnp.ones_like(batch[normalization.LABEL], jnp.float32)),
                              model.towers)
 
   def train_step(state: TrainState, batch):
@@ -222,7 +213,7 @@ def mean_log_probabilities(model: models.AlexNet, members, images: jax.Array,
   images: uint8 (B, H, W, 3), or (B, crops, H, W, 3). Returns (B, classes).
   """
   crops = images.shape[1] if images.ndim == 5 else 1
-  flat = normalize(images.reshape((-1,) + images.shape[-3:]), mean)
+  flat = normalization.normalize(images.reshape((-1,) + images.shape[-3:]), mean)
   log_probs = jnp.stack([jax.nn.log_softmax(model.apply({'params': params},
                                                         flat))
                          for params in members])        # (n, B * crops, C)
@@ -246,12 +237,14 @@ def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
   padding examples, which are not counted.
   """
   model = mesh_model(config, mesh)
-  mean = dataset_stats.mean(config)
+  mean = normalization.mean(config)
 
   def device_sums(members, batch):
-    log_probs = mean_log_probabilities(model, members, batch['image'], mean)
+    log_probs = mean_log_probabilities(model, members,
+                                       batch[normalization.IMAGE], mean)
     return _total_over_batch(classification_sums(
-        log_probs, batch['label'], batch['mask'].astype(jnp.float32)),
+        log_probs, batch[normalization.LABEL],
+        batch[normalization.MASK].astype(jnp.float32)),
                              model.towers)
 
   return jax.jit(lambda members, batch: _sharded(

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax import models
+from alexnet_jax import normalization
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax import steps
 
 
 def _batch(config, n, seed=0):
@@ -23,10 +24,10 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
   """Repeating one batch, the loss must drop well below its start."""
   tiny_config.model.dropout_rate = 0.0
   mesh = parallel.make_mesh(tiny_config)
-  state = train.create_sharded_train_state(tiny_config, mesh)
-  step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
+  state = steps.create_sharded_train_state(tiny_config, mesh)
+  step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
   batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
-                              train.mesh_towers(tiny_config, mesh))
+                              steps.mesh_towers(tiny_config, mesh))
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -37,18 +38,18 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
 
 def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
-  step = train.make_train_step(tiny_config, mesh, steps_per_epoch=100)
+  step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
   batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
-                              train.mesh_towers(tiny_config, mesh))
+                              steps.mesh_towers(tiny_config, mesh))
   runs = []
   for _ in range(2):
-    state = train.create_sharded_train_state(tiny_config, mesh)
+    state = steps.create_sharded_train_state(tiny_config, mesh)
     state, _ = step(state, batch)
     runs.append(jax.device_get(state.params))
   jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
   # Another seed gives other dropout masks (and init).
   tiny_config.seed = 1
-  other = train.create_sharded_train_state(tiny_config, mesh)
+  other = steps.create_sharded_train_state(tiny_config, mesh)
   other, _ = step(other, batch)
   assert not np.allclose(other.params['fc8']['kernel'],
                          runs[0]['fc8']['kernel'])
@@ -62,26 +63,26 @@ def test_classification_sums_count_top1_top5_and_skip_masked():
       [9., 8, 7, 6, 5, 4, 3],   # masked out
   ])
   labels = jnp.asarray([0, 4, 6, 6])
-  sums = train.classification_sums(logits, labels,
+  sums = steps.classification_sums(logits, labels,
                                    jnp.asarray([1., 1., 1., 0.]))
   assert float(sums['count']) == 3
   assert float(sums['top1_error']) == 2
   assert float(sums['top5_error']) == 1
-  assert train.means(sums)['top1_error'] == 2 / 3
+  assert steps.means(sums)['top1_error'] == 2 / 3
 
 
 def test_eval_step_averages_the_softmax_over_crops(tiny_config):
   model = models.build(tiny_config)
   mesh = parallel.make_mesh(tiny_config)
-  params = train.create_sharded_train_state(tiny_config, mesh).params
-  eval_step = train.make_eval_step(tiny_config, mesh)
+  params = steps.create_sharded_train_state(tiny_config, mesh).params
+  eval_step = steps.make_eval_step(tiny_config, mesh)
   rng = np.random.default_rng(0)
   crops = rng.integers(0, 256, (3, 10, 64, 64, 3), dtype=np.uint8)
   labels = np.asarray([1, 2, 3], np.int32)
   sums = eval_step((params,), parallel.shard_batch(
       {'image': crops, 'label': labels, 'mask': np.ones(3, np.float32)},
-      mesh, train.mesh_towers(tiny_config, mesh)))
-  flat = train.normalize(crops.reshape(30, 64, 64, 3),
+      mesh, steps.mesh_towers(tiny_config, mesh)))
+  flat = normalization.normalize(crops.reshape(30, 64, 64, 3),
                          tiny_config.dataset.mean_rgb)
   probs = jax.nn.softmax(model.apply({'params': params}, flat)).reshape(
       3, 10, -1).mean(axis=1)
@@ -93,7 +94,7 @@ def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
   """Two different networks on mesh (2, 2): the mean of their probabilities."""
   tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
   mesh = parallel.make_mesh(tiny_config)
-  first = train.create_sharded_train_state(tiny_config, mesh).params
+  first = steps.create_sharded_train_state(tiny_config, mesh).params
   second = dict(first, fc8={'kernel': first['fc8']['kernel'] * 40.0,
                             'bias': first['fc8']['bias']})
   rng = np.random.default_rng(1)
@@ -101,11 +102,11 @@ def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
   labels = np.asarray([1, 2, 3, 4], np.int32)
   batch = parallel.shard_batch(
       {'image': crops, 'label': labels, 'mask': np.ones(4, np.float32)}, mesh,
-      train.mesh_towers(tiny_config, mesh))
-  eval_step = train.make_eval_step(tiny_config, mesh)
+      steps.mesh_towers(tiny_config, mesh))
+  eval_step = steps.make_eval_step(tiny_config, mesh)
 
   model = models.build(tiny_config)  # both towers on one device
-  flat = train.normalize(crops.reshape(40, 64, 64, 3),
+  flat = normalization.normalize(crops.reshape(40, 64, 64, 3),
                          tiny_config.dataset.mean_rgb)
   def probs(params):
     return jax.nn.softmax(model.apply({'params': params}, flat)).reshape(
@@ -143,9 +144,9 @@ def test_the_evaluation_loss_stays_finite_when_a_probability_underflows():
   images = jnp.zeros((1, 2, 4, 4, 3), jnp.uint8)
   old_form = jnp.log(jnp.mean(jax.nn.softmax(logits), axis=0))
   assert float(old_form[0]) == -np.inf
-  log_mean = train.mean_log_probabilities(FixedLogits(), (logits, logits),
+  log_mean = steps.mean_log_probabilities(FixedLogits(), (logits, logits),
                                           images, mean=0.0)
   np.testing.assert_allclose(log_mean, [[-200.0, 0.0]], atol=1e-4)
-  sums = train.classification_sums(log_mean, jnp.asarray([0]), jnp.ones(1))
+  sums = steps.classification_sums(log_mean, jnp.asarray([0]), jnp.ones(1))
   np.testing.assert_allclose(sums['loss'], 200.0, rtol=1e-6)
   assert float(sums['top1_error']) == 1.0
