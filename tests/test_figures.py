@@ -215,6 +215,6 @@ def test_training_writes_the_kernels_and_predictions_to_tensorboard(
   tags = {value.tag
           for path in glob.glob(os.path.join(workdir, 'tensorboard', 'eval',
                                              '*'))
-          for event in tf.compat.v1.steps.summary_iterator(path)
+          for event in tf.compat.v1.train.summary_iterator(path)
           for value in event.summary.value}
   assert {'conv1_kernels', 'predictions'} <= tags
