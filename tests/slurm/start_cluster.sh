@@ -15,7 +15,8 @@ SlurmctldHost=$node
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$folder/munge/munge.socket
+# cred_expire: SLURM holds a requeued job back this long (120 s by default).
+AuthInfo=socket=$folder/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$folder/state
 SlurmdSpoolDir=$folder/spool
