@@ -54,6 +54,7 @@ class Variant:
   lrn_before_relu_conv1: bool       # released code: conv1 -> LRN -> pool -> ReLU
   conv2_same_map_norm: Optional[SameMapNorm]
   dropout_on_fc_inputs: bool        # torchvision: dropout before fc6/fc7
+  inverted_dropout: bool            # PyTorch's form; see AlexNet._dropout
   init: str                         # 'gaussian' or 'torch' (PyTorch defaults)
   weight_std: tuple[float, ...]     # conv1..conv5, fc6, fc7, fc8 (gaussian)
   positive_bias_layers: frozenset[str]  # layers whose biases start positive
@@ -68,26 +69,26 @@ VARIANTS = {
         towers=2, conv_features=(48, 128, 192, 192, 128), fc_features=2048,
         conv1_padding='ceil', lrn=LRN(), lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=False,
-        init='gaussian', weight_std=_PAPER_STD,
+        inverted_dropout=False, init='gaussian', weight_std=_PAPER_STD,
         positive_bias_layers=_PAPER_POSITIVE_BIAS),
     'released_2012': Variant(
         towers=2, conv_features=(48, 128, 192, 192, 128), fc_features=2048,
         conv1_padding='ceil', lrn=LRN(alpha=1e-4 / 5),
         lrn_before_relu_conv1=True, conv2_same_map_norm=SameMapNorm(),
-        dropout_on_fc_inputs=False, init='gaussian',
+        dropout_on_fc_inputs=False, inverted_dropout=False, init='gaussian',
         weight_std=(0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01),
         positive_bias_layers=_PAPER_POSITIVE_BIAS),
     'one_tower_2014': Variant(
         towers=1, conv_features=(64, 192, 384, 256, 256), fc_features=4096,
         conv1_padding='ceil', lrn=LRN(), lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=False,
-        init='gaussian', weight_std=_PAPER_STD,
+        inverted_dropout=False, init='gaussian', weight_std=_PAPER_STD,
         positive_bias_layers=_PAPER_POSITIVE_BIAS),
     'torchvision': Variant(
         towers=1, conv_features=(64, 192, 384, 256, 256), fc_features=4096,
         conv1_padding='torch', lrn=None, lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=True,
-        init='torch', weight_std=_PAPER_STD, positive_bias_layers=frozenset()),
+        inverted_dropout=True, init='torch', weight_std=_PAPER_STD, positive_bias_layers=frozenset()),
 }
 
 
@@ -293,19 +294,31 @@ class AlexNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   grouped_convolutions: bool = False   # see TowerConv
 
-  def _dropout(self, x: jax.Array, rng: jax.Array, local_tower: int):
+  def _dropout(self, x: jax.Array, rng: Optional[jax.Array],
+               local_tower: int):
     """Dropout whose mask depends on the example and tower, not the mesh.
+
+    The paper's form (and the released code's) keeps units unscaled in
+    training and multiplies every unit by the keep probability at test time
+    (rng None). PyTorch's inverted form divides the kept units by the keep
+    probability in training and leaves test time alone: the same test-time
+    function, but the next layer trains on inputs twice as large.
 
     Each example's mask comes from a key folded with its index in the global
     batch and the tower's global index, so a run on any mesh drops the same
     units as a run on one device.
     """
+    keep_probability = 1.0 - self.dropout_rate
+    if rng is None:
+      return x if self.variant.inverted_dropout else (
+          x * keep_probability).astype(x.dtype)
     rng = jax.random.fold_in(rng, self.towers.global_index(local_tower))
     keys = jax.vmap(jax.random.fold_in, (None, 0))(
         rng, self.towers.example_ids(x.shape[0]))
     keep = jax.vmap(lambda k: jax.random.bernoulli(
-        k, 1.0 - self.dropout_rate, x.shape[1:]))(keys)
-    return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+        k, keep_probability, x.shape[1:]))(keys)
+    kept = x / keep_probability if self.variant.inverted_dropout else x
+    return jnp.where(keep, kept, 0).astype(x.dtype)
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False,
@@ -352,8 +365,8 @@ class AlexNet(nn.Module):
     x = features.reshape(features.shape[0], -1)
     f = scaled(v.fc_features, self.width)
     dropout = lambda xs, layer: [
-        self._dropout(x, jax.random.fold_in(dropout_rng, LAYERS.index(layer)),
-                      t) if train else x for t, x in enumerate(xs)]
+        self._dropout(x, jax.random.fold_in(dropout_rng, LAYERS.index(layer))
+                      if train else None, t) for t, x in enumerate(xs)]
     for layer in ('fc6', 'fc7'):
       xs = [x] * towers.local
       if v.dropout_on_fc_inputs:

@@ -165,6 +165,39 @@ def test_dropout_only_in_training_and_differs_per_key():
       a, apply(train=True, dropout_rng=jax.random.key(2)))
 
 
+@pytest.mark.parametrize('variant, inverted', [
+    ('paper_2012', False), ('released_2012', False),
+    ('one_tower_2014', False), ('torchvision', True)])
+def test_dropout_in_the_paper_form_or_pytorch_inverted_form(variant, inverted):
+  """The paper (and the released code) zero units in training and halve all
+  of them at test time; PyTorch's inverted form doubles the kept units in
+  training. Either way the test-time output is the training output's mean."""
+  model = _model(variant)
+  x = jax.random.uniform(jax.random.key(0), (256, 512), minval=0.5,
+                         maxval=2.0)
+  drop = lambda rng: model.apply({}, x, rng, 0,
+                                 method=models.AlexNet._dropout)
+  trained, tested = drop(jax.random.key(1)), drop(None)
+  kept = trained != 0
+  assert 0.45 < kept.mean() < 0.55
+  np.testing.assert_allclose(trained[kept], (x * (2 if inverted else 1))[kept],
+                             rtol=1e-6)
+  np.testing.assert_allclose(tested, x * (1 if inverted else 0.5), rtol=1e-6)
+  # The mean over examples of x * mask estimates the test-time output.
+  np.testing.assert_allclose((trained / x).mean(), (tested / x).mean(),
+                             rtol=0.02)
+
+
+def test_with_no_dropout_training_and_test_outputs_agree():
+  model = _model(width=0.25, num_classes=10, dropout_rate=0.0)
+  params = models.init_params(model, jax.random.key(0), 64)
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3)) * 50
+  np.testing.assert_allclose(
+      model.apply({'params': params}, x, train=True,
+                  dropout_rng=jax.random.key(2)),
+      model.apply({'params': params}, x), rtol=1e-6)
+
+
 @pytest.mark.parametrize('grouped', [False, True])
 def test_conv3_and_fc_layers_see_both_towers(grouped):
   """Zeroing tower 1's conv2 changes tower 0's conv3 but not its conv4 input."""
