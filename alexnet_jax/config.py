@@ -69,7 +69,7 @@ def default() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.bias_lr_multiplier = 1.0
-  c.bias_weight_decay = True
+  c.bias_weight_decay = False      # the released code's; see the README
   c.lr_schedule = 'plateau'        # or 'piecewise'
   c.lr_factor = 0.1
   c.warmup_epochs = 0.0            # linear warm-up; the paper has none

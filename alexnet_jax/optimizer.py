@@ -45,12 +45,13 @@ def scale_by_current_learning_rate() -> optax.GradientTransformationExtraArgs:
 
 def paper_sgd(momentum: float, weight_decay: float,
               bias_lr_multiplier: float = 1.0,
-              bias_weight_decay: bool = True
+              bias_weight_decay: bool = False
               ) -> optax.GradientTransformationExtraArgs:
   """v <- momentum v - lr (wd w + g); w <- w + v (per-leaf options aside).
 
   bias_lr_multiplier, bias_weight_decay: the released 2012 code trained
-  biases at twice the learning rate and without weight decay.
+  biases at twice the learning rate and without weight decay (the paper's
+  update rule is written for weights only).
   """
   decay_mask = None if bias_weight_decay else (
       lambda params: _bias_mask(params, biases=False))

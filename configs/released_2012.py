@@ -7,7 +7,6 @@ def get_config():
   config = config_lib.default()
   config.model.variant = 'released_2012'
   config.bias_lr_multiplier = 2.0
-  config.bias_weight_decay = False
   # The released run divided the learning rate at about these epochs.
   config.lr_schedule = 'piecewise'
   return config

@@ -28,7 +28,7 @@ def _run(tx, lrs):
   return params
 
 
-def _paper_rule(lrs, wd=5e-4, bias_lr=1.0, bias_decay=True):
+def _paper_rule(lrs, wd=5e-4, bias_lr=1.0, bias_decay=False):
   """v <- 0.9 v - wd e w - e g;  w <- w + v, written out in NumPy."""
   params = {k: np.asarray(v, np.float64) for k, v in _params()['conv1'].items()}
   v = {k: np.zeros_like(p) for k, p in params.items()}
@@ -45,9 +45,10 @@ def _paper_rule(lrs, wd=5e-4, bias_lr=1.0, bias_decay=True):
 LRS = [0.01, 0.01, 0.001, 0.001, 0.0001]
 
 
-def test_update_equals_the_paper_rule_across_learning_rate_changes():
-  got = _run(optimizer.paper_sgd(0.9, 5e-4), LRS)
-  want = _paper_rule(LRS)
+@pytest.mark.parametrize('bias_decay', [False, True])
+def test_update_equals_the_paper_rule_across_learning_rate_changes(bias_decay):
+  got = _run(optimizer.paper_sgd(0.9, 5e-4, bias_weight_decay=bias_decay), LRS)
+  want = _paper_rule(LRS, bias_decay=bias_decay)
   for k in want:
     np.testing.assert_allclose(got['conv1'][k], want[k], rtol=1e-6)
 
