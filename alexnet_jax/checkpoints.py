@@ -6,7 +6,8 @@ The last `keep` checkpoints are kept, and also the one with the lowest
 evaluation top-1 error, whose metrics are saved with it.
 
 Orbax does not check what it reads back, so each finished checkpoint is
-sealed with the size and CRC-32 of every file in it (checksums.json), and
+sealed with the size and CRC-32 of every file of its state and config
+(checksums.json; Orbax's own top-level metadata may be rewritten), and
 checked against them before it is used. Training resumes from the newest
 checkpoint that passes, setting damaged ones aside as STEP.damaged;
 evaluation refuses a damaged one.

@@ -54,6 +54,11 @@ def default() -> ml_collections.ConfigDict:
   c.dataset.pca_eigvals = IMAGENET_PCA_EIGVALS
   c.dataset.pca_eigvecs = IMAGENET_PCA_EIGVECS
   c.dataset.lighting_std = 0.1     # alpha ~ N(0, 0.1) per image
+  c.dataset.lighting_off_epoch = -1.0  # no lighting from this epoch; -1 never
+  # The released code divided each noisy crop by 1 + lighting_std, "so that
+  # the overall scale of the training data doesn't become too different from
+  # the test data".
+  c.dataset.lighting_rescale = False
   # --mode=stats output; when set, its mean and PCA replace the three above.
   c.dataset.stats_file = ml_collections.FieldReference(None, field_type=str)
   c.dataset.stats_examples = 50000  # --mode=stats: images sampled (0: all)
@@ -74,6 +79,10 @@ def default() -> ml_collections.ConfigDict:
   c.lr_factor = 0.1
   c.warmup_epochs = 0.0            # linear warm-up; the paper has none
   c.lr_boundaries_epochs = (25, 51, 79)  # the released run's divisions
+  # The released run's exceptions (configs/released_2012.py); epochs, -1 never.
+  c.bias_lr_follows_schedule = True  # False: biases keep their starting rate
+  c.conv1_lr_cut_epoch = -1.0        # conv1's rate divided once more
+  c.conv1_freeze_epoch = -1.0        # conv1's rate 0 from here
   c.plateau = ml_collections.ConfigDict()
   c.plateau.patience = 3           # evaluations without improvement
   c.plateau.max_reductions = 3
@@ -265,6 +274,11 @@ def validate(config) -> None:
   _check_range(config, ('weight_decay', 'warmup_epochs',
                          'dataset.lighting_std'),
                0, math.inf, True, 'a number of 0 or more')
+  for key in ('dataset.lighting_off_epoch', 'conv1_lr_cut_epoch',
+              'conv1_freeze_epoch'):
+    if _get(config, key) < 0 and _get(config, key) != -1:
+      raise errors.UserError(f'{key}={_get(config, key)}: give an epoch of 0 '
+                             f'or more, or -1 for never')
   for key in ('eval_every_steps', 'checkpoint_every_steps'):
     if _get(config, key) < -1:
       raise errors.UserError(f'{key}={_get(config, key)}: give a number of '

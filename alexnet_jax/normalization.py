@@ -38,6 +38,17 @@ def mean(config) -> np.ndarray:
   return stats.mean_image[top:top + size, top:top + size].astype(np.float32)
 
 
+def normalize_for_training(config, images: jax.Array, mean, lighting,
+                           lighting_on: jax.Array) -> jax.Array:
+  """normalize, with lighting while `lighting_on`, and the released code's
+  division of the noisy crop by 1 + lighting_std where the config asks."""
+  on = lighting_on.astype(jnp.float32)
+  x = normalize(images, mean, lighting * on)
+  if config.dataset.lighting_rescale:
+    x = x / (1.0 + config.dataset.lighting_std * on)
+  return x
+
+
 def normalize(images: jax.Array, mean, lighting=None) -> jax.Array:
   """uint8 pixels to the network's input: minus the mean (per channel or per
   pixel, `mean`), plus lighting."""

@@ -30,7 +30,8 @@ def _bias_mask(params, biases: bool):
 
 
 def scale_by_current_learning_rate() -> optax.GradientTransformationExtraArgs:
-  """Multiply updates by -learning_rate, given to `update` as an argument."""
+  """Multiply updates by -learning_rate, given to `update` as an argument:
+  one rate, or a tree of rates shaped like the parameters (`layer_rates`)."""
 
   def init(params):
     del params
@@ -38,7 +39,9 @@ def scale_by_current_learning_rate() -> optax.GradientTransformationExtraArgs:
 
   def update(updates, state, params=None, *, learning_rate, **extra):
     del params, extra
-    return jax.tree.map(lambda u: -learning_rate * u, updates), state
+    if jax.tree.structure(learning_rate) != jax.tree.structure(updates):
+      learning_rate = jax.tree.map(lambda _: learning_rate, updates)
+    return jax.tree.map(lambda u, e: -e * u, updates, learning_rate), state
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -96,6 +99,27 @@ def update_plateau(plateau: Plateau, val_error: float, *, patience: int,
                  plateau.reductions)
 
 
+def reached(epoch: float, step: jax.Array, steps_per_epoch: int) -> jax.Array:
+  """Whether `step` is at or past `epoch` (never, for epoch -1)."""
+  if epoch < 0:
+    return jnp.asarray(False)
+  return jnp.asarray(step) >= round(epoch * steps_per_epoch)
+
+
+def _divisions_and_warmup(config, step, plateau: Plateau, steps_per_epoch):
+  if config.lr_schedule == 'plateau':
+    divisions = plateau.reductions.astype(jnp.float32)
+  elif config.lr_schedule == 'piecewise':
+    divisions = sum(reached(e, step, steps_per_epoch).astype(jnp.float32)
+                    for e in config.lr_boundaries_epochs)
+  else:
+    raise ValueError(f'unknown lr_schedule {config.lr_schedule!r}; use '
+                     f'"plateau" or "piecewise"')
+  # Optional linear warm-up (not in the paper, whose warmup_epochs is 0).
+  warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
+  return divisions, jnp.minimum(1.0, (step + 1) / warmup_steps)
+
+
 def learning_rate(config, step: jax.Array, plateau: Plateau,
                   steps_per_epoch: int) -> jax.Array:
   """The learning rate at `step` under `config.lr_schedule`.
@@ -104,17 +128,30 @@ def learning_rate(config, step: jax.Array, plateau: Plateau,
   'piecewise': base rate times factor after each of `lr_boundaries_epochs`.
   Both ramp up linearly over the first `warmup_epochs`.
   """
-  factor = config.lr_factor
-  if config.lr_schedule == 'plateau':
-    divisions = plateau.reductions.astype(jnp.float32)
-  elif config.lr_schedule == 'piecewise':
-    boundaries = jnp.asarray([round(e * steps_per_epoch)
-                              for e in config.lr_boundaries_epochs])
-    divisions = jnp.sum(step >= boundaries).astype(jnp.float32)
-  else:
-    raise ValueError(f'unknown lr_schedule {config.lr_schedule!r}; use '
-                     f'"plateau" or "piecewise"')
-  # Optional linear warm-up (not in the paper, whose warmup_epochs is 0).
-  warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
-  warmup = jnp.minimum(1.0, (step + 1) / warmup_steps)
-  return config.learning_rate * factor ** divisions * warmup
+  divisions, warmup = _divisions_and_warmup(config, step, plateau,
+                                            steps_per_epoch)
+  return config.learning_rate * config.lr_factor ** divisions * warmup
+
+
+def layer_rates(config, params, step: jax.Array, plateau: Plateau,
+                steps_per_epoch: int):
+  """Each parameter's learning rate: the schedule's, with the exceptions of
+  the released run 145 where the config asks for them. Its biases kept their
+  starting rate while the weights' fell (bias_lr_follows_schedule=False), and
+  conv1's rate was divided once more at conv1_lr_cut_epoch and set to 0 at
+  conv1_freeze_epoch."""
+  divisions, warmup = _divisions_and_warmup(config, step, plateau,
+                                            steps_per_epoch)
+  scheduled = config.learning_rate * config.lr_factor ** divisions * warmup
+  conv1 = (jnp.where(reached(config.conv1_lr_cut_epoch, step,
+                             steps_per_epoch), config.lr_factor, 1.0)
+           * jnp.where(reached(config.conv1_freeze_epoch, step,
+                               steps_per_epoch), 0.0, 1.0))
+
+  def rate(path, leaf):
+    e = scheduled
+    if _is_bias(path, leaf) and not config.bias_lr_follows_schedule:
+      e = config.learning_rate * warmup
+    return e * conv1 if path[0].key == 'conv1' else e
+
+  return jax.tree_util.tree_map_with_path(rate, params)

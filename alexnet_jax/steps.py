@@ -153,9 +153,10 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   model = mesh_model(config, mesh)
   mean = normalization.mean(config)
 
-  def device_sums(params, batch, rng_data):
-    images = normalization.normalize(batch[normalization.IMAGE], mean,
-                                     batch[normalization.LIGHTING])
+  def device_sums(params, batch, rng_data, lighting_on):
+    images = normalization.normalize_for_training(
+        config, batch[normalization.IMAGE], mean,
+        batch[normalization.LIGHTING], lighting_on)
     logits = model.apply({'params': params}, images, train=True,
                          dropout_rng=jax.random.wrap_key_data(rng_data))
     return _total_over_batch(classification_sums(
@@ -166,22 +167,27 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                      state.step)
-    sums_fn = _sharded(mesh, model.towers, device_sums, state.params, P())
+    sums_fn = _sharded(mesh, model.towers, device_sums, state.params, P(),
+                       P())
+    lighting_on = ~optimizer.reached(config.dataset.lighting_off_epoch,
+                                     state.step, steps_per_epoch)
 
     def loss_fn(params):
-      sums = sums_fn(params, batch, jax.random.key_data(dropout_rng))
+      sums = sums_fn(params, batch, jax.random.key_data(dropout_rng),
+                     lighting_on)
       return sums['loss'] / sums['count'], sums
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
-    lr = optimizer.learning_rate(config, state.step, state.plateau,
-                                 steps_per_epoch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                   learning_rate=lr)
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params,
+        learning_rate=optimizer.layer_rates(config, state.params, state.step,
+                                            state.plateau, steps_per_epoch))
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     metrics = {k: v / sums['count'] for k, v in sums.items() if k != 'count'}
-    metrics['learning_rate'] = lr
+    metrics['learning_rate'] = optimizer.learning_rate(
+        config, state.step, state.plateau, steps_per_epoch)
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=0,

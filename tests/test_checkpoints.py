@@ -112,10 +112,13 @@ def test_sigkill_during_a_save_then_resume_gives_the_uninterrupted_run(
 
 def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_run(
     tmp_path, flags, uninterrupted):
-  seed = random.randrange(1 << 30)
+  """The moment is printed, so pytest shows it with any failure; rerun
+  that moment with KILL_SEED=its seed."""
+  seed = int(os.environ.get('KILL_SEED', random.randrange(1 << 30)))
   rng = random.Random(seed)
   after_step, delay = rng.randint(1, STEPS - 1), rng.uniform(0, 0.3)
   moment = f'seed {seed}: {delay:.3f} s after step {after_step}'
+  print(f'killed {delay:.3f} s after step {after_step} (KILL_SEED={seed})')
   run = start_main(*flags, f'--workdir={tmp_path}',
                    '--config.checkpoint_every_steps=1',
                    '--config.log_every_steps=1')

@@ -1,5 +1,6 @@
 """The optimizer follows the paper's update rule; the LR rules behave."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -7,6 +8,8 @@ import optax
 import pytest
 
 from alexnet_jax import optimizer
+import configs.paper_2012
+import configs.released_2012
 
 
 def _params():
@@ -123,3 +126,33 @@ def test_warmup_ramps_linearly_then_leaves_the_schedule_alone():
   p = optimizer.Plateau.initial()
   got = [float(optimizer.learning_rate(c, s, p, 10)) for s in (0, 4, 9, 25)]
   np.testing.assert_allclose(got, [1e-3, 5e-3, 1e-2, 1e-3], rtol=1e-6)
+
+
+def test_the_released_run_s_layer_rates_follow_its_schedule():
+  """configs/released_2012.py against the table at the end of
+  layer-params-145.cfg (epsW, epsB = 2 epsW at the start)."""
+  c = configs.released_2012.get_config()
+  params = {'conv1': {'kernel': 0., 'bias': 0.},
+            'fc8': {'kernel': 0., 'bias': 0.}}
+  p, spe = optimizer.Plateau.initial(), 10
+  table = {  # epoch: (conv1 kernel, conv1 bias, fc8 kernel, fc8 bias)
+      0: (1e-2, 1e-2, 1e-2, 1e-2),
+      25: (1e-3, 1e-2, 1e-3, 1e-2),
+      51: (1e-4, 1e-2, 1e-4, 1e-2),
+      67: (1e-5, 1e-3, 1e-4, 1e-2),
+      72: (0, 0, 1e-4, 1e-2),
+      79: (0, 0, 1e-5, 1e-2),
+      90: (0, 0, 1e-5, 1e-2)}
+  for epoch, want in table.items():
+    for step in (epoch * spe, epoch * spe + spe - 1):
+      rates = optimizer.layer_rates(c, params, jnp.asarray(step), p, spe)
+      got = [float(rates[layer][k]) for layer in ('conv1', 'fc8')
+             for k in ('kernel', 'bias')]
+      np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(step))
+  # The bias multiplier (2x) is applied by paper_sgd on top of these.
+  assert c.bias_lr_multiplier == 2.0
+  # Every other config: one rate for every parameter.
+  paper = configs.paper_2012.get_config()
+  paper.lr_schedule = 'piecewise'
+  rates = optimizer.layer_rates(paper, params, jnp.asarray(800), p, spe)
+  np.testing.assert_allclose(jax.tree.leaves(rates), 1e-5, rtol=1e-6)

@@ -188,3 +188,33 @@ def test_a_bfloat16_step_follows_the_float32_step_within_rounding(tiny_config):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(
       updates['float32']), jax.tree.leaves(updates['bfloat16'])):
     assert error(a, b) <= 128 * u, jax.tree_util.keystr(path)
+
+
+def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
+    tiny_config):
+  """dataset.lighting_off_epoch: from then on a step ignores the batch's
+  lighting; dataset.lighting_rescale divides a noisy crop by 1.1."""
+  mesh = parallel.make_mesh(tiny_config)
+  towers = steps.mesh_towers(tiny_config, mesh)
+  batch = _batch(tiny_config, 16)
+  dark = dict(batch, lighting=np.zeros_like(batch['lighting']))
+  after = {}
+  for off_epoch in (-1, 0):
+    tiny_config.dataset.lighting_off_epoch = off_epoch
+    step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
+    after[off_epoch] = [
+        jax.device_get(step(steps.create_sharded_train_state(tiny_config, mesh),
+                            parallel.shard_batch(b, mesh, towers))[0].params)
+        for b in (batch, dark)]
+  assert not np.allclose(after[-1][0]['conv1']['kernel'],
+                         after[-1][1]['conv1']['kernel'])
+  jax.tree.map(np.testing.assert_array_equal, *after[0])
+
+  tiny_config.dataset.lighting_rescale = True
+  images, lighting, mean = batch['image'], batch['lighting'], np.float32(100)
+  for on in (True, False):
+    got = normalization.normalize_for_training(
+        tiny_config, images, mean, lighting, jnp.asarray(on))
+    want = (normalization.normalize(images, mean, lighting) / 1.1 if on
+            else normalization.normalize(images, mean))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
