@@ -11,9 +11,9 @@ def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
   result = benchmark.time_train_step(tiny_config, warmup=1, repeats=2,
                                      steps_per_repeat=1)
   assert len(result['repeats']) == 2 and result['images_per_sec'] > 0
-  # images_per_sec is rounded to 2 decimals, step_ms from the exact rate.
-  assert result['step_ms'] == pytest.approx(
-      1000 * tiny_config.batch_size / result['images_per_sec'], rel=1e-4)
+  # The reported rate is the median of the repeats (of two: their mean).
+  assert result['images_per_sec'] == pytest.approx(
+      sum(result['repeats']) / 2, abs=0.02)
 
 
 def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):

@@ -17,6 +17,7 @@ from alexnet_jax import figures
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import models
+from alexnet_jax import normalization
 from alexnet_jax import parallel
 from alexnet_jax import steps
 
@@ -177,8 +178,17 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
   assert numbers['pool_size'] == 40
   pool_indices = np.unique(np.linspace(0, len(train_files) - 1, 40,
                                        dtype=np.int64))
-  pool = fc7(_crops(config, [train_files[i] for i in pool_indices]))
+  pool_crops = _crops(config, [train_files[i] for i in pool_indices])
+  pool = fc7(pool_crops)
+  # fc7_features checked through the layer after it: fc8 of the features,
+  # halved (the paper's dropout at test time), gives the network's logits.
+  logits = model.apply({'params': params}, normalization.normalize(
+      pool_crops, config.dataset.mean_rgb))
+  np.testing.assert_allclose(
+      0.5 * pool @ params['fc8']['kernel'] + params['fc8']['bias'], logits,
+      rtol=1e-4, atol=1e-4)
   eval_files = _split_files(config, 'validation')
+  assert len(numbers['neighbours']) == figures.QUERIES
   for query in numbers['neighbours']:
     feature = fc7(_crops(config, [eval_files[query['eval_index']]]))[0]
     distances = np.asarray([np.linalg.norm(feature - p) for p in pool])
