@@ -35,6 +35,19 @@ def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
     assert restored[key] == pytest.approx(final_eval[key], rel=1e-6)
 
 
+def test_the_plateau_rule_divides_the_rate_in_a_real_run(tmp_path, data_dir):
+  """min_delta 1 makes every evaluation after the first one a plateau: with
+  patience 1 the rate is divided after the evaluations at steps 2 and 3."""
+  workdir = str(tmp_path / 'run')
+  run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
+           '--config.lr_schedule=plateau', '--config.plateau.patience=1',
+           '--config.plateau.min_delta=1.0', '--config.eval_every_steps=1',
+           '--config.log_every_steps=1', '--config.checkpoint_every_steps=0')
+  rates = {r['step']: r['learning_rate'] for r in metric_records(workdir)
+           if r['split'] == 'train'}
+  assert rates == pytest.approx({1: 0.005, 2: 0.005, 3: 5e-4, 4: 5e-5})
+
+
 def test_a_two_by_two_mesh_run_reaches_the_one_device_parameters(
     tmp_path, data_dir):
   """Same seed, same data: data=2 x tower=2 on 4 devices equals 1 device."""
