@@ -101,6 +101,7 @@ def default() -> ml_collections.ConfigDict:
   c.eval.batch_size = 128
 
   c.log_every_steps = 100
+  c.progress_every_s = 30.0        # prepare, stats and evaluation progress
   # Intervals in steps, both read one way: N > 0 every N steps, -1 once an
   # epoch, 0 only at the end. A run also evaluates and saves at its end.
   c.eval_every_steps = -1
@@ -112,7 +113,7 @@ def default() -> ml_collections.ConfigDict:
 # Keys a resumed run may change: they do not change what training computes.
 MAY_CHANGE_ON_RESUME = (
     'mesh', 'model.grouped_convolutions', 'eval.batch_size', 'num_epochs',
-    'num_train_steps', 'log_every_steps', 'checkpoint_every_steps',
+    'num_train_steps', 'log_every_steps', 'progress_every_s', 'checkpoint_every_steps',
     'keep_checkpoints',
     'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_examples')
 # Keys that define a trained network and the input it expects: evaluation
@@ -272,7 +273,7 @@ def validate(config) -> None:
   _check_range(config, ('momentum', 'model.dropout_rate'), 0, 1, True,
                'at least 0 and below 1')
   _check_range(config, ('weight_decay', 'warmup_epochs',
-                         'dataset.lighting_std'),
+                         'dataset.lighting_std', 'progress_every_s'),
                0, math.inf, True, 'a number of 0 or more')
   for key in ('dataset.lighting_off_epoch', 'conv1_lr_cut_epoch',
               'conv1_freeze_epoch'):

@@ -21,6 +21,7 @@ from alexnet_jax import distributed
 from alexnet_jax import errors
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
+from alexnet_jax import progress
 
 JPEG_QUALITY = 95
 
@@ -39,51 +40,100 @@ def check_output(config, out_dir: str) -> None:
         f'({source_root}): give a folder outside it')
 
 
+def _finished_numbers(folder: str, class_names) -> set[int]:
+  """The numbers of this process's images already written under folder; its
+  half-written ones (*.tmp, from a killed run) are removed."""
+  numbers = set()
+  for name in class_names:
+    class_dir = os.path.join(folder, name)
+    for file in os.listdir(class_dir):
+      stem, _, extension = file.partition('.')
+      if not stem.isdigit() or int(stem) % jax.process_count() != (
+          jax.process_index()):
+        continue
+      if extension == 'jpeg':
+        numbers.add(int(stem))
+      elif extension == 'jpeg.tmp':
+        os.remove(os.path.join(class_dir, file))
+  return numbers
+
+
+def _prepare_split(config, src: input_pipeline.Source, split: str,
+                   out_dir: str) -> int:
+  """Write this process's share of `split`, skipping the images a killed run
+  finished. Returns how many images the copy of the split holds, over all
+  processes.
+
+  Each image is written to a temporary name and renamed, so a file under its
+  final name is complete. Names come from the global index, so processes
+  never collide.
+  """
+  folder = os.path.join(out_dir, split)
+  for name in src.class_names:
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+  finished = _finished_numbers(folder, src.class_names)
+  number = lambda index: index * jax.process_count() + jax.process_index()
+  done = {i for i in range(src.num_local) if number(i) in finished}
+  done_mask = tf.constant([i in done for i in range(src.num_local)], tf.bool)
+
+  def encode(index, example):
+    encoded, label = example
+    image = augment.shorter_side_to(encoded, config.resize_size)
+    return index, label, tf.io.encode_jpeg(image, quality=JPEG_QUALITY)
+
+  todo = src.examples.enumerate().filter(
+      lambda index, _: ~tf.gather(done_mask, index))
+  encoded = todo.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+  shown = progress.Progress(config, f'{split}: writing',
+                            (src.num_local - len(done)) * jax.process_count())
+  for index, label, jpeg in encoded.ignore_errors().as_numpy_iterator():
+    path = os.path.join(folder, src.class_names[label],
+                        f'{number(int(index)):08d}.jpeg')
+    with open(path + '.tmp', 'wb') as f:
+      f.write(jpeg)
+    os.replace(path + '.tmp', path)
+    done.add(int(index))
+    shown.add(jax.process_count())
+  for index in sorted(set(range(src.num_local)) - done):
+    logging.warning('skipped example %d of %s: cannot be decoded', index,
+                    split)
+  # Every process has written its share before the manifest marks the copy
+  # complete.
+  count = int(distributed.all_processes(np.asarray(len(done))).sum())
+  metric_writer.report(f'{split}: {count} of {src.num_examples} images '
+                       f'written to {folder}')
+  return count
+
+
 def prepare(config, out_dir: str) -> None:
-  """Write the train and eval splits to out_dir at resize_size."""
+  """Write the train and eval splits to out_dir at resize_size.
+
+  Until manifest.json marks the copy complete, a marker file makes folder
+  datasets refuse it; the same command after an interruption goes on where
+  it stopped.
+  """
   check_output(config, out_dir)
   manifest_path = os.path.join(out_dir, 'manifest.json')
   if os.path.exists(manifest_path):
     raise errors.UserError(f'{out_dir} already holds a prepared copy: train '
                            f'with --config.dataset.name=folder:{out_dir}')
-  counts = {}
-  for split in dict.fromkeys((config.dataset.train_split,
-                             config.dataset.eval_split)):
-    src = input_pipeline.source(config, split)
-    for name in src.class_names:
-      os.makedirs(os.path.join(out_dir, split, name), exist_ok=True)
-    names = tf.constant(src.class_names)
-    folder = os.path.join(out_dir, split)
-
-    def write(index, example, names=names, folder=folder):
-      encoded, label = example
-      # Names from the global index, so processes never collide.
-      number = index * jax.process_count() + jax.process_index()
-      path = tf.strings.join([folder, '/', tf.gather(names, label), '/',
-                              tf.strings.as_string(number, width=8, fill='0'),
-                              '.jpeg'])
-      image = augment.shorter_side_to(encoded, config.resize_size)
-      tf.io.write_file(path, tf.io.encode_jpeg(image, quality=JPEG_QUALITY))
-      return index
-
-    written = src.examples.enumerate().map(
-        write, num_parallel_calls=tf.data.AUTOTUNE)
-    written = written.ignore_errors()
-    done = set(written.as_numpy_iterator())
-    for index in sorted(set(range(src.num_local)) - done):
-      logging.warning('skipped example %d of %s: cannot be decoded', index,
-                      split)
-    # Every process has written its share before the manifest marks the copy
-    # complete.
-    counts[split] = int(distributed.all_processes(np.asarray(len(done))).sum())
-    metric_writer.report(f'{split}: {counts[split]} of {src.num_examples} '
-                         f'images written to {folder}')
+  sources = {split: input_pipeline.source(config, split)
+             for split in (config.dataset.train_split,
+                           config.dataset.eval_split)}
+  unfinished = os.path.join(out_dir, input_pipeline.UNFINISHED_COPY)
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    open(unfinished, 'a').close()
+  counts = {split: _prepare_split(config, src, split, out_dir)
+            for split, src in sources.items()}
   if jax.process_index() == 0:
     with open(manifest_path + '.tmp', 'w') as f:
-      json.dump({'classes': list(src.class_names),
+      json.dump({'classes': list(sources[config.dataset.train_split]
+                                 .class_names),
                  'resize_size': config.resize_size,
                  'source': config.dataset.name, 'images': counts}, f)
     os.replace(manifest_path + '.tmp', manifest_path)
+    os.remove(unfinished)
   metric_writer.report(
       f'train from the copy with --config.dataset.name=folder:{out_dir}')
 
@@ -115,10 +165,14 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
               num_parallel_calls=tf.data.AUTOTUNE).batch(64)
   size = config.resize_size
   image_sum, outer_sum, count = np.zeros((size, size, 3)), np.zeros((3, 3)), 0
+  shown = progress.Progress(config, 'statistics', src.num_examples if (
+      config.dataset.stats_examples <= 0) else min(
+          config.dataset.stats_examples, src.num_examples))
   for images, outer in ds.as_numpy_iterator():
     image_sum += images.sum(0)
     outer_sum += outer.sum(0)
     count += len(images)
+    shown.add(len(images) * jax.process_count())
   # Summed over the processes (carried as float32 between them, JAX's
   # default, then added in float64).
   image_sum, outer_sum, count = (

@@ -6,7 +6,9 @@ import numpy as np
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
+from alexnet_jax import normalization
 from alexnet_jax import parallel
+from alexnet_jax import progress
 from alexnet_jax import steps
 
 
@@ -21,9 +23,13 @@ def evaluate_params(config, mesh, eval_step, members: tuple,
   """
   totals, towers = None, steps.mesh_towers(config, mesh)
   global_batch = parallel.padded_batch(config.eval.batch_size, mesh, towers)
+  shown = progress.Progress(
+      config, f'evaluation ({config.eval.crops}-crop)', src.num_examples)
   for batch in input_pipeline.eval_batches(config, src, global_batch):
     sums = eval_step(members, parallel.shard_batch(batch, mesh, towers))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    # Every process runs the same batches: count this one's share times all.
+    shown.add(int(batch[normalization.MASK].sum()) * jax.process_count())
   totals = jax.device_get(totals)
   return dict(steps.means(totals), examples=int(totals['count']))
 

@@ -91,6 +91,9 @@ def _class_names(split_dir: str, root: str) -> tuple[str, ...]:
                       if os.path.isdir(os.path.join(split_dir, d))))
 
 
+# In a --mode=prepare copy until its manifest.json marks it complete.
+UNFINISHED_COPY = 'PREPARING'
+
 # Other names a folder dataset may give a split (torchvision's layout).
 _SPLIT_ALIASES = {'validation': 'val'}
 
@@ -113,6 +116,9 @@ def _split_dir(root: str, split: str) -> str:
 
 
 def _folder_source(root: str, split: str, cache_dir: str) -> Source:
+  if os.path.exists(os.path.join(root, UNFINISHED_COPY)):
+    raise DatasetError(f'{root} is a --mode=prepare copy that did not finish: '
+                       f'run the same prepare command to complete it')
   split_dir = _split_dir(root, split)
   class_names = _class_names(split_dir, root)
   paths, labels = [], []

@@ -3,11 +3,17 @@
 import glob
 import io
 import os
+import re
+import signal
+import time
 
 import numpy as np
 from PIL import Image
 import pytest
 
+from command_line import run_main
+from command_line import start_main
+from command_line import tiny_flags
 from alexnet_jax import config as config_lib
 from alexnet_jax import dataset_stats
 from alexnet_jax import dataset_tools
@@ -104,3 +110,48 @@ def test_stats_settings_that_cannot_work_are_refused_up_front(tiny_config,
   tiny_config.dataset.stats_file = str(tmp_path / 'missing.npz')
   with pytest.raises(errors.UserError, match='does not exist: make it with'):
     config_lib.validate(tiny_config)
+
+
+def _files(folder):
+  """Relative path -> (bytes, mtime_ns) of every image file under folder."""
+  found = {}
+  for path in glob.glob(os.path.join(folder, '*', '*', '*')):
+    with open(path, 'rb') as f:
+      found[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mtime_ns)
+  return found
+
+
+def test_a_prepare_killed_partway_resumes_to_the_same_copy(tmp_path, data_dir):
+  """SIGKILL once images are being written; the same command then finishes
+  the copy without rewriting what was written, file for file equal to an
+  uninterrupted copy. Until then training refuses the copy. Progress lines
+  appear with stdout going to a file."""
+  flags = [*tiny_flags(data_dir), '--mode=prepare',
+           '--config.dataset.builtin_train_per_class=60']
+  whole = tmp_path / 'whole'
+  done = run_main(*flags, f'--workdir={whole}', '--config.progress_every_s=0')
+  assert re.search(r'train: writing: \d+/600 images \(\d+%\), [\d.]+ '
+                   r'images/sec, [\d.]+ min left', done.stdout), done.stdout
+
+  killed = tmp_path / 'killed'
+  run = start_main(*flags, f'--workdir={killed}')
+  deadline = time.monotonic() + 120
+  while len(glob.glob(str(killed / 'train' / '*' / '*.jpeg'))) < 50:
+    assert time.monotonic() < deadline and run.poll() is None
+    time.sleep(0.02)
+  run.send_signal(signal.SIGKILL)
+  run.communicate()
+  assert not (killed / 'manifest.json').exists(), 'it finished before the kill'
+  before = _files(killed)
+  refused = run_main(*tiny_flags(data_dir), f'--workdir={tmp_path / "run"}',
+                     f'--config.dataset.name=folder:{killed}', check=False)
+  assert refused.returncode == 1
+  assert 'did not finish: run the same prepare command' in refused.stderr
+
+  run_main(*flags, f'--workdir={killed}')
+  after, uninterrupted = _files(killed), _files(whole)
+  assert {k: v[0] for k, v in after.items()} == {
+      k: v[0] for k, v in uninterrupted.items()}
+  finished = {k: v for k, v in before.items() if k.endswith('.jpeg')}
+  assert finished and all(after[k][1] == v[1] for k, v in finished.items())
+  assert not (killed / input_pipeline.UNFINISHED_COPY).exists()

@@ -28,7 +28,10 @@ def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
   assert final_eval['step'] == 4
   assert {'top1_error', 'top5_error', 'loss'} <= set(final_eval)
 
-  run_main(*tiny_flags(data_dir), f'--workdir={workdir}', '--mode=eval')
+  evaluated = run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
+                       '--mode=eval', '--config.progress_every_s=0')
+  # Progress lines, with stdout going to a pipe (as to a log file).
+  assert 'evaluation (1-crop): 30/30 images (100%)' in evaluated.stdout
   restored = metric_records(workdir)[-1]
   assert restored['split'] == 'eval_1crop' and restored['step'] == 4
   for key in ('top1_error', 'top5_error', 'loss'):
