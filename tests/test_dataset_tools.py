@@ -83,6 +83,12 @@ def test_stats_are_the_mean_and_colour_pca_of_the_images(tiny_config,
   np.testing.assert_allclose(v @ np.diag(s ** 2) @ v.T, covariance,
                              rtol=1e-6)
   assert list(s) == sorted(s, reverse=True)
+  # The default samples stats_examples images: the mean of 5 of the 12.
+  tiny_config.dataset.stats_examples = 5
+  sample = dataset_tools.stats(tiny_config, str(tmp_path / 'sample'))
+  weights = np.linalg.lstsq(pixels.reshape(12, -1).T,
+                            5 * sample.mean_image.ravel(), rcond=None)[0]
+  np.testing.assert_allclose(np.sort(weights), [0] * 7 + [1] * 5, atol=1e-6)
   # The saved file feeds the config: per-channel, or the centre of the mean
   # image per pixel, as the released code subtracted it.
   tiny_config.dataset.stats_file = str(tmp_path / 'work' /
