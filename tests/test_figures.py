@@ -110,15 +110,21 @@ def _crops(config, files):
       'image'].numpy() for f in files])
 
 
-def test_predict_gives_the_probabilities_of_the_eval_step(trained, data_dir):
+def test_predict_gives_the_probabilities_of_the_eval_step(trained, data_dir,
+                                                          tmp_path):
   """10 crops each: -log of predict's top probability is eval_step's loss
-  for that class as label."""
+  for that class as label. Files and a folder, more than one batch (7)."""
   workdir, params = trained
   config = _config(data_dir, '--config.eval.crops=10')
-  files = _eval_files(config, 5)
+  named = _eval_files(config, 9)
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  for i, path in enumerate(named[4:]):
+    (folder / f'{i}.jpg').write_bytes(open(path, 'rb').read())
+  files = named[:4] + [str(folder / f'{i}.jpg') for i in range(5)]
   result = run_main(*tiny_flags(data_dir), '--config.eval.crops=10',
                     f'--workdir={workdir}', '--mode=predict',
-                    f'--images={",".join(files)}')
+                    f'--images={",".join(named[:4])},{folder}')
   lines = [json.loads(line) for line in result.stdout.splitlines()]
   assert [line['image'] for line in lines] == files
   names = input_pipeline.class_names(config)
