@@ -11,9 +11,15 @@ from command_line import tiny_flags
 
 
 def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
+  """Also the plateau rule in a real run: with min_delta 1 every evaluation
+  after the first is a plateau, so with patience 1 the rate is divided after
+  the evaluations at steps 2 and 3."""
   workdir = str(tmp_path / 'run')
   train = run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
-                   '--profile_steps=1:3')
+                   '--profile_steps=1:3', '--config.lr_schedule=plateau',
+                   '--config.plateau.patience=1',
+                   '--config.plateau.min_delta=1.0',
+                   '--config.eval_every_steps=1', '--config.log_every_steps=1')
   assert 'images/sec' in train.stdout and 'ETA' in train.stdout
   # The trace of steps 2-3, for TensorBoard's profile plugin and Perfetto.
   assert 'profile of steps 2-3 written to' in train.stdout
@@ -21,9 +27,14 @@ def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
             for name in names]
   assert any(n.endswith('.xplane.pb') for n in traces), traces
   assert any(n.endswith('.trace.json.gz') for n in traces), traces
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+  # Each evaluation saves (so that the best is kept); the last 3 stay.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [
+      '2', '3', '4']
   assert os.listdir(os.path.join(workdir, 'tensorboard', 'train'))
   records = metric_records(workdir)
+  rates = {r['step']: r['learning_rate'] for r in records
+           if r['split'] == 'train'}
+  assert rates == pytest.approx({1: 0.005, 2: 0.005, 3: 5e-4, 4: 5e-5})
   final_eval = [r for r in records if r['split'] == 'eval'][-1]
   assert final_eval['step'] == 4
   assert {'top1_error', 'top5_error', 'loss'} <= set(final_eval)
@@ -36,19 +47,6 @@ def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
   assert restored['split'] == 'eval_1crop' and restored['step'] == 4
   for key in ('top1_error', 'top5_error', 'loss'):
     assert restored[key] == pytest.approx(final_eval[key], rel=1e-6)
-
-
-def test_the_plateau_rule_divides_the_rate_in_a_real_run(tmp_path, data_dir):
-  """min_delta 1 makes every evaluation after the first one a plateau: with
-  patience 1 the rate is divided after the evaluations at steps 2 and 3."""
-  workdir = str(tmp_path / 'run')
-  run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
-           '--config.lr_schedule=plateau', '--config.plateau.patience=1',
-           '--config.plateau.min_delta=1.0', '--config.eval_every_steps=1',
-           '--config.log_every_steps=1', '--config.checkpoint_every_steps=0')
-  rates = {r['step']: r['learning_rate'] for r in metric_records(workdir)
-           if r['split'] == 'train'}
-  assert rates == pytest.approx({1: 0.005, 2: 0.005, 3: 5e-4, 4: 5e-5})
 
 
 def test_a_two_by_two_mesh_run_reaches_the_one_device_parameters(

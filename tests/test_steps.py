@@ -194,21 +194,23 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
     tiny_config):
   """dataset.lighting_off_epoch: from then on a step ignores the batch's
   lighting; dataset.lighting_rescale divides a noisy crop by 1.1."""
+  tiny_config.dataset.lighting_off_epoch = 1
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
   batch = _batch(tiny_config, 16)
   dark = dict(batch, lighting=np.zeros_like(batch['lighting']))
+  step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=1)
   after = {}
-  for off_epoch in (-1, 0):
-    tiny_config.dataset.lighting_off_epoch = off_epoch
-    step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-    after[off_epoch] = [
-        jax.device_get(step(steps.create_sharded_train_state(tiny_config, mesh),
-                            parallel.shard_batch(b, mesh, towers))[0].params)
-        for b in (batch, dark)]
-  assert not np.allclose(after[-1][0]['conv1']['kernel'],
-                         after[-1][1]['conv1']['kernel'])
-  jax.tree.map(np.testing.assert_array_equal, *after[0])
+  for at_step in (0, 1):  # epoch 0, lighting on; epoch 1, off
+    after[at_step] = []
+    for b in (batch, dark):
+      state = steps.create_sharded_train_state(tiny_config, mesh)
+      state = state.replace(step=jnp.asarray(at_step, state.step.dtype))
+      after[at_step].append(jax.device_get(
+          step(state, parallel.shard_batch(b, mesh, towers))[0].params))
+  assert not np.allclose(after[0][0]['conv1']['kernel'],
+                         after[0][1]['conv1']['kernel'])
+  jax.tree.map(np.testing.assert_array_equal, *after[1])
 
   tiny_config.dataset.lighting_rescale = True
   images, lighting, mean = batch['image'], batch['lighting'], np.float32(100)
