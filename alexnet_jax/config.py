@@ -113,8 +113,8 @@ def default() -> ml_collections.ConfigDict:
 # Keys a resumed run may change: they do not change what training computes.
 MAY_CHANGE_ON_RESUME = (
     'mesh', 'model.grouped_convolutions', 'eval.batch_size', 'num_epochs',
-    'num_train_steps', 'log_every_steps', 'progress_every_s', 'checkpoint_every_steps',
-    'keep_checkpoints',
+    'num_train_steps', 'log_every_steps', 'progress_every_s',
+    'checkpoint_every_steps', 'keep_checkpoints',
     'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_examples')
 # Keys that define a trained network and the input it expects: evaluation
 # must use the values it was trained with.

@@ -140,9 +140,8 @@ def layer_rates(config, params, step: jax.Array, plateau: Plateau,
   starting rate while the weights' fell (bias_lr_follows_schedule=False), and
   conv1's rate was divided once more at conv1_lr_cut_epoch and set to 0 at
   conv1_freeze_epoch."""
-  divisions, warmup = _divisions_and_warmup(config, step, plateau,
-                                            steps_per_epoch)
-  scheduled = config.learning_rate * config.lr_factor ** divisions * warmup
+  scheduled = learning_rate(config, step, plateau, steps_per_epoch)
+  _, warmup = _divisions_and_warmup(config, step, plateau, steps_per_epoch)
   conv1 = (jnp.where(reached(config.conv1_lr_cut_epoch, step,
                              steps_per_epoch), config.lr_factor, 1.0)
            * jnp.where(reached(config.conv1_freeze_epoch, step,
