@@ -37,6 +37,9 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 MinJobAge=600
 KillWait=10
+# This machine may be busy with other tests: RPCs wait 60 s, not 10, before
+# SLURM takes a slow daemon for a dead one and cancels the job's step.
+MessageTimeout=60
 NodeName=$node CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=test Nodes=$node Default=YES MaxTime=INFINITE State=UP
 CONF
