@@ -88,7 +88,8 @@ VARIANTS = {
         towers=1, conv_features=(64, 192, 384, 256, 256), fc_features=4096,
         conv1_padding='torch', lrn=None, lrn_before_relu_conv1=False,
         conv2_same_map_norm=None, dropout_on_fc_inputs=True,
-        inverted_dropout=True, init='torch', weight_std=_PAPER_STD, positive_bias_layers=frozenset()),
+        inverted_dropout=True, init='torch', weight_std=_PAPER_STD,
+        positive_bias_layers=frozenset()),
 }
 
 
