@@ -4,7 +4,11 @@ The reference below uses jax.lax and jax.numpy only, none of the project's
 model, layer, normalisation, optimizer or step code: it is the paper's
 description written out (two towers, ReLU, LRN, overlapping pooling, conv3
 and the fully connected layers seeing both towers), and its gradients come
-from differentiating it. It reads the project's initial parameters, which
+from differentiating it. released_2012 is the same network as the released
+cuda-convnet files describe it (facts in ../shared/RELEASED_2012_FACTS.md):
+conv1's LRN before pooling and ReLU, LRN's alpha divided by n, a 5x5
+same-map norm after conv2's LRN, biases at twice the rate, and the lit crop
+divided by 1 + lighting_std. It reads the project's initial parameters, which
 hold each per-tower layer's weights with a leading tower axis.
 
 Dropout is set to 0 here, so both sides use the same (all-ones) mask; its
@@ -41,6 +45,22 @@ def _lrn(a, k=2.0, n=5, alpha=1e-4, beta=0.75):
   return a / (k + alpha * total) ** beta
 
 
+def _released_lrn(a):
+  """cuda-convnet's rnorm layer: its scale 1e-4 divided by the size, 5."""
+  return _lrn(a, alpha=1e-4 / 5)
+
+
+def _same_map_norm(a, size=5, scale=1e-3, power=0.75):
+  """cuda-convnet's cnorm layer: a centred size x size window of squares in
+  the same map, zero beyond the edge, its scale divided by size^2, min 1."""
+  r = size // 2
+  squares = jnp.pad(a * a, ((0, 0), (r, r), (r, r), (0, 0)))
+  h, w = a.shape[1:3]
+  total = sum(squares[:, dy:dy + h, dx:dx + w]
+              for dy in range(size) for dx in range(size))
+  return a / (1.0 + scale / size**2 * total) ** power
+
+
 def _pool(a):
   """3x3 windows, stride 2, no padding."""
   return lax.reduce_window(a, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
@@ -57,16 +77,23 @@ def _conv1_padding(size, variant):
 
 
 def reference_logits(p, x, variant):
-  """paper_2012 (two towers, LRN) or torchvision (one tower, no LRN)."""
+  """paper_2012 (two towers, LRN), released_2012 (two towers, its norms) or
+  torchvision (one tower, no LRN)."""
   relu = jax.nn.relu
-  towers = p['conv1']['kernel'].shape[0] if variant == 'paper_2012' else 1
-  lrn = _lrn if variant == 'paper_2012' else (lambda a: a)
+  towers = 1 if variant == 'torchvision' else p['conv1']['kernel'].shape[0]
   layer = lambda name, t: (p[name]['kernel'][t], p[name]['bias'][t])
   h = []
   for t in range(towers):
-    a = _pool(lrn(relu(_conv(x, *layer('conv1', t), 4,
-                             _conv1_padding(x.shape[1], variant)))))
-    h.append(_pool(lrn(relu(_conv(a, *layer('conv2', t), 1, ((2, 2),) * 2)))))
+    a = _conv(x, *layer('conv1', t), 4, _conv1_padding(x.shape[1], variant))
+    if variant == 'released_2012':
+      a = relu(_pool(_released_lrn(a)))
+      a = relu(_conv(a, *layer('conv2', t), 1, ((2, 2),) * 2))
+      h.append(_pool(_same_map_norm(_released_lrn(a))))
+    else:
+      lrn = _lrn if variant == 'paper_2012' else (lambda a: a)
+      a = _pool(lrn(relu(a)))
+      h.append(_pool(lrn(relu(_conv(a, *layer('conv2', t), 1,
+                                    ((2, 2),) * 2)))))
   both = jnp.concatenate(h, axis=-1)
   h = [relu(_conv(both, *layer('conv3', t), 1, ((1, 1),) * 2))
        for t in range(towers)]
@@ -81,12 +108,16 @@ def reference_logits(p, x, variant):
   return f @ p['fc8']['kernel'] + p['fc8']['bias']
 
 
-def reference_step(params, batch, mean_rgb, variant, lr, momentum, wd):
+def reference_step(params, batch, mean_rgb, variant, lr, wd, lighting_std):
   """Loss and parameters after one step of the paper's SGD from zero
-  momentum: v = momentum * 0 - wd lr w - lr g (no decay for biases)."""
-  del momentum  # the buffer starts at zero
+  momentum: v = momentum * 0 - wd lr w - lr g (no decay for biases, and in
+  released_2012 twice the rate for them)."""
   x = (batch['image'].astype(jnp.float32) - jnp.asarray(mean_rgb)
        + batch['lighting'][:, None, None, :])
+  bias_lr = lr
+  if variant == 'released_2012':
+    x = x / (1.0 + lighting_std)
+    bias_lr = 2 * lr
 
   def loss_fn(p):
     logits = reference_logits(p, x, variant)
@@ -95,18 +126,22 @@ def reference_step(params, batch, mean_rgb, variant, lr, momentum, wd):
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
   new = jax.tree_util.tree_map_with_path(
-      lambda path, w, g: w - lr * g - (
-          0 if path[-1].key == 'bias' else lr * wd * w), params, grads)
+      lambda path, w, g: w - bias_lr * g if path[-1].key == 'bias'
+      else w - lr * g - lr * wd * w, params, grads)
   return loss, new
 
 
-@pytest.mark.parametrize('variant', ['paper_2012', 'torchvision'])
+@pytest.mark.parametrize('variant',
+                         ['paper_2012', 'released_2012', 'torchvision'])
 def test_one_train_step_equals_the_independent_reference(tiny_config,
                                                          variant):
   config = tiny_config
   config.model.variant = variant
   config.model.dropout_rate = 0.0
   config.bias_weight_decay = False
+  if variant == 'released_2012':  # as configs/released_2012.py sets them
+    config.bias_lr_multiplier = 2.0
+    config.dataset.lighting_rescale = True
   rng = np.random.default_rng(0)
   batch = {
       'image': rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
@@ -120,13 +155,14 @@ def test_one_train_step_equals_the_independent_reference(tiny_config,
       batch, mesh, steps.mesh_towers(config, mesh)))
 
   loss, want = reference_step(params, batch, config.dataset.mean_rgb,
-                              variant, config.learning_rate, config.momentum,
-                              config.weight_decay)
+                              variant, config.learning_rate,
+                              config.weight_decay, config.dataset.lighting_std)
   assert float(metrics['loss']) == pytest.approx(float(loss), rel=1e-5)
   got = jax.device_get(state.params)
-  for (path, new), old, ref in zip(
+  for (path, reference), before, project in zip(
       jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(params),
       jax.tree.leaves(got)):
-    update, ref_update = ref - old, new - old
-    error = np.linalg.norm(update - ref_update) / np.linalg.norm(ref_update)
+    update, reference_update = project - before, reference - before
+    error = (np.linalg.norm(update - reference_update)
+             / np.linalg.norm(reference_update))
     assert error < 1e-4, (jax.tree_util.keystr(path), error)
