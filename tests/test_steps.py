@@ -1,9 +1,12 @@
 """The compiled train and eval steps."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import dataset_stats
 from alexnet_jax import models
 from alexnet_jax import normalization
 from alexnet_jax import parallel
@@ -220,3 +223,43 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
     want = (normalization.normalize(images, mean, lighting) / 1.1 if on
             else normalization.normalize(images, mean))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_per_pixel_mean_is_the_mean_image_s_centre_in_train_and_eval(
+    tiny_config, tmp_path):
+  """dataset.mean=per_pixel subtracts the centre image_size square of the
+  stats file's mean image from every training crop and every evaluation
+  crop, as the released code did. With an integer mean image, images shifted
+  by that centre must give exactly the steps of the unshifted images with a
+  zero mean."""
+  rng = np.random.default_rng(0)
+  size, full = tiny_config.image_size, tiny_config.resize_size
+  mean_image = rng.integers(0, 50, (full, full, 3)).astype(np.float64)
+  stats_file = str(tmp_path / dataset_stats.FILE_NAME)
+  dataset_stats.save(stats_file, dataset_stats.Stats(
+      mean_image, np.full(3, 99.0), np.ones(3), np.eye(3), 1))
+  top = (full - size) // 2
+  centre = mean_image[top:top + size, top:top + size].astype(np.uint8)
+  per_pixel, zero = copy.deepcopy(tiny_config), copy.deepcopy(tiny_config)
+  per_pixel.dataset.mean, per_pixel.dataset.stats_file = 'per_pixel', stats_file
+  zero.dataset.mean_rgb = (0.0, 0.0, 0.0)
+
+  mesh = parallel.make_mesh(tiny_config)
+  towers = steps.mesh_towers(tiny_config, mesh)
+  batch = _batch(tiny_config, 16)
+  batch['image'] = rng.integers(0, 200, batch['image'].shape, dtype=np.uint8)
+  crops = rng.integers(0, 200, (3, 10, size, size, 3), dtype=np.uint8)
+  evaluation = {'image': crops, 'label': np.asarray([1, 2, 3], np.int32),
+                'mask': np.ones(3, np.float32)}
+  shift = lambda b: dict(b, image=b['image'] + centre)
+  trained, evaluated = [], []
+  for config, shifted in ((per_pixel, shift), (zero, lambda b: b)):
+    state = steps.create_sharded_train_state(config, mesh)
+    step = steps.make_train_step(config, mesh, steps_per_epoch=100)
+    state, _ = step(state, parallel.shard_batch(shifted(batch), mesh, towers))
+    trained.append(jax.device_get(state.params))
+    evaluated.append(jax.device_get(steps.make_eval_step(config, mesh)(
+        (state.params,),
+        parallel.shard_batch(shifted(evaluation), mesh, towers))))
+  jax.tree.map(np.testing.assert_array_equal, *trained)
+  jax.tree.map(np.testing.assert_array_equal, *evaluated)
