@@ -406,18 +406,18 @@ def eval_batches(config, src: Source,
                         num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
-  padding = None
+  # A process with no examples left (or none at all) pads from this.
+  empty = {k: np.zeros((0,) + tuple(spec.shape[1:]),
+                       spec.dtype.as_numpy_dtype)
+           for k, spec in ds.element_spec.items()}
   batches = ds.as_numpy_iterator()
   for _ in range(num_batches):
-    b = next(batches, None)
-    if b is None:
-      b = {k: v[:0] for k, v in padding.items()}
+    b = next(batches, None) or dict(empty)
     real = b[normalization.LABEL].shape[0]
     b[normalization.MASK] = np.ones(real, np.float32)
     if real < batch:
       b = {k: np.concatenate([v, np.zeros((batch - real,) + v.shape[1:],
                                           v.dtype)]) for k, v in b.items()}
-    padding = b
     yield b
 
 

@@ -72,6 +72,20 @@ def test_eval_counts_every_example_once_with_a_padded_last_batch(tiny_config):
   np.testing.assert_array_equal(batches[-1]['mask'], [1, 1, 0, 0, 0, 0, 0])
 
 
+def test_a_process_without_eval_examples_runs_the_others_steps_on_padding(
+    tiny_config, monkeypatch):
+  """3 examples over 4 processes: the last has none, and must still run as
+  many (masked) steps as the others."""
+  src = input_pipeline.source(tiny_config, 'validation')
+  monkeypatch.setattr(input_pipeline.jax, 'process_count', lambda: 4)
+  none = dataclasses.replace(src, examples=src.examples.take(0), num_local=0,
+                             num_examples=3)
+  batches = list(input_pipeline.eval_batches(tiny_config, none, 4))
+  assert len(batches) == 1
+  assert batches[0]['image'].shape == (1, 64, 64, 3)
+  np.testing.assert_array_equal(batches[0]['mask'], [0])
+
+
 def test_missing_folder_dataset_names_the_expected_layout(tiny_config,
                                                          tmp_path):
   tiny_config.dataset.name = f'folder:{tmp_path}/nothing'

@@ -34,8 +34,10 @@ def _launch(*args, processes=2, devices_per_process=2):
 def test_two_processes_reach_the_parameters_of_one_with_four_devices(
     tmp_path, data_dir):
   """Same mesh (2, 2), same seed, same data stream: 2 processes x 2 devices
-  against 1 process x 4 devices. The 2-process checkpoint then evaluates in
-  one process on one device."""
+  against 1 process x 4 devices. The checkpoint then evaluates in 4
+  processes of one device each, a global batch of 4: the 30 examples split
+  8, 8, 7, 7, so processes 2 and 3 pad a whole batch, and the metrics must
+  still be those of the training run's evaluation."""
   flags = tiny_flags(data_dir, eval_batch=8)
   two = _launch(*flags, f'--workdir={tmp_path}/two', *MESH_2X2)
   assert two.returncode == 0, two.stderr[-3000:]
@@ -49,8 +51,11 @@ def test_two_processes_reach_the_parameters_of_one_with_four_devices(
 
   trained = metric_records(f'{tmp_path}/two')
   assert sum(r['split'] == 'eval' for r in trained) == 1  # written once
-  run_main(*flags, f'--workdir={tmp_path}/two', '--mode=eval',
-           '--config.mesh.data=1', '--config.mesh.tower=1')
+  four = _launch(*flags, f'--workdir={tmp_path}/two', '--mode=eval',
+                 '--config.mesh.data=4', '--config.mesh.tower=1',
+                 '--config.eval.batch_size=4', processes=4,
+                 devices_per_process=1)
+  assert four.returncode == 0, four.stderr[-3000:]
   evaluated = metric_records(f'{tmp_path}/two')[-1]
   assert evaluated['split'] == 'eval_1crop' and evaluated['step'] == 4
   assert evaluated['top1_error'] == pytest.approx(
