@@ -9,6 +9,7 @@ keeps the source's class order, so labels mean the same in both.
 
 import json
 import os
+import tarfile
 
 from absl import logging
 import jax
@@ -19,6 +20,7 @@ from alexnet_jax import augment
 from alexnet_jax import dataset_stats
 from alexnet_jax import distributed
 from alexnet_jax import errors
+from alexnet_jax import imagenet_archives
 from alexnet_jax import input_pipeline
 from alexnet_jax import metric_writer
 from alexnet_jax import progress
@@ -58,51 +60,98 @@ def _finished_numbers(folder: str, class_names) -> set[int]:
   return numbers
 
 
-def _prepare_split(config, src: input_pipeline.Source, split: str,
-                   out_dir: str) -> int:
-  """Write this process's share of `split`, skipping the images a killed run
-  finished. Returns how many images the copy of the split holds, over all
-  processes.
+def _write(config, items: tf.data.Dataset, folder: str,
+           shown: progress.Progress) -> list[str]:
+  """Resize and encode `items` (relative path, source image, progress work)
+  on every core through tf.data, and write each under folder. Returns the
+  relative paths written; images that cannot be decoded are left out.
 
   Each image is written to a temporary name and renamed, so a file under its
-  final name is complete. Names come from the global index, so processes
-  never collide.
+  final name is complete.
   """
-  folder = os.path.join(out_dir, split)
-  for name in src.class_names:
-    os.makedirs(os.path.join(folder, name), exist_ok=True)
-  finished = _finished_numbers(folder, src.class_names)
-  number = lambda index: index * jax.process_count() + jax.process_index()
-  done = {i for i in range(src.num_local) if number(i) in finished}
-  done_mask = tf.constant([i in done for i in range(src.num_local)], tf.bool)
 
-  def encode(index, example):
-    encoded, label = example
+  def encode(relative, encoded, work):
     image = augment.shorter_side_to(encoded, config.resize_size)
-    return index, label, tf.io.encode_jpeg(image, quality=JPEG_QUALITY)
+    return relative, tf.io.encode_jpeg(image, quality=JPEG_QUALITY), work
 
-  todo = src.examples.enumerate().filter(
-      lambda index, _: ~tf.gather(done_mask, index))
-  encoded = todo.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
-  shown = progress.Progress(config, f'{split}: writing',
-                            (src.num_local - len(done)) * jax.process_count())
-  for index, label, jpeg in encoded.ignore_errors().as_numpy_iterator():
-    path = os.path.join(folder, src.class_names[label],
-                        f'{number(int(index)):08d}.jpeg')
+  written = []
+  for relative, jpeg, work in items.map(
+      encode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(
+          ).as_numpy_iterator():
+    path = os.path.join(folder, relative.decode())
     with open(path + '.tmp', 'wb') as f:
       f.write(jpeg)
     os.replace(path + '.tmp', path)
-    done.add(int(index))
-    shown.add(jax.process_count())
-  for index in sorted(set(range(src.num_local)) - done):
-    logging.warning('skipped example %d of %s: cannot be decoded', index,
-                    split)
-  # Every process has written its share before the manifest marks the copy
-  # complete.
-  count = int(distributed.all_processes(np.asarray(len(done))).sum())
-  metric_writer.report(f'{split}: {count} of {src.num_examples} images '
-                       f'written to {folder}')
-  return count
+    written.append(relative.decode())
+    shown.add(jax.process_count(), work)
+  return written
+
+
+def _prepare_split(config, src: input_pipeline.Source, split: str,
+                   folder: str) -> int:
+  """Write this process's share of `split` as CLASS/NUMBER.jpeg, skipping
+  the images a killed run finished. Returns how many images this process's
+  share of the copy holds.
+
+  Numbers come from the global index, so processes never collide.
+  """
+  finished = _finished_numbers(folder, src.class_names)
+  number = lambda index: index * jax.process_count() + jax.process_index()
+  todo = [i for i in range(src.num_local) if number(i) not in finished]
+  done_mask = tf.constant([number(i) in finished
+                           for i in range(src.num_local)], tf.bool)
+  names = tf.constant(src.class_names)
+
+  def item(index, example):
+    encoded, label = example
+    relative = tf.strings.join([
+        tf.gather(names, label), '/',
+        tf.strings.as_string(number(index), width=8, fill='0'), '.jpeg'])
+    return relative, encoded, tf.constant(float(jax.process_count()))
+
+  items = src.examples.enumerate().filter(
+      lambda index, _: ~tf.gather(done_mask, index)).map(item)
+  shown = progress.Progress(config, f'{split}: writing',
+                            len(todo) * jax.process_count())
+  written = {int(os.path.basename(p).partition('.')[0])
+             for p in _write(config, items, folder, shown)}
+  for index in todo:
+    if number(index) not in written:
+      logging.warning('skipped example %d of %s: cannot be decoded', index,
+                      split)
+  return src.num_local - len(todo) + len(written)
+
+
+def _prepare_split_from_archive(config, manual: str, split: str,
+                                folder: str) -> int:
+  """Write this process's share of `split` straight from ImageNet's archive
+  as CLASS/STEM.jpeg (n01440764_10026.jpeg, ILSVRC2012_val_00000001.jpeg),
+  skipping the images a killed run finished. Returns how many images this
+  process's share of the copy holds."""
+  finished = []
+
+  def done(relative):
+    if os.path.exists(os.path.join(folder, relative)):
+      finished.append(relative)
+      return True
+    return False
+
+  shown = progress.Progress(
+      config, f'{split}: writing',
+      imagenet_archives.share_bytes(manual, split),
+      archive=imagenet_archives.SPLITS[split])
+  items, reading = imagenet_archives.dataset(manual, split, done)
+  written = _write(config, items, folder, shown)
+  if isinstance(reading.error, (tarfile.TarError, EOFError, OSError)):
+    raise input_pipeline.DatasetError(
+        f'{os.path.join(manual, imagenet_archives.SPLITS[split])} is damaged '
+        f'({reading.error}): download it again; the images written so far '
+        f'stay, and the same command goes on from them') from reading.error
+  if reading.error:
+    raise reading.error
+  for relative in sorted(set(reading.given) - set(written)):
+    logging.warning('skipped %s of %s: cannot be decoded', relative, split)
+  return len(finished) + len(written)
 
 
 def prepare(config, out_dir: str) -> None:
@@ -117,21 +166,43 @@ def prepare(config, out_dir: str) -> None:
   if os.path.exists(manifest_path):
     raise errors.UserError(f'{out_dir} already holds a prepared copy: train '
                            f'with --config.dataset.name=folder:{out_dir}')
-  sources = {split: input_pipeline.source(config, split)
-             for split in (config.dataset.train_split,
-                           config.dataset.eval_split)}
+  splits = (config.dataset.train_split, config.dataset.eval_split)
+  manual = imagenet_archives.folder(config)
+  if manual:
+    for archive in imagenet_archives.SPLITS.values():
+      input_pipeline.check_archive(os.path.join(manual, archive))
+    classes = imagenet_archives.class_names()
+    write = lambda split, folder: _prepare_split_from_archive(
+        config, manual, split, folder)
+    source = f'imagenet2012 archives in {manual}'
+  else:
+    # The sources are opened first, so a wrong dataset leaves nothing.
+    sources = {split: input_pipeline.source(config, split)
+               for split in splits}
+    classes = sources[config.dataset.train_split].class_names
+    write = lambda split, folder: _prepare_split(config, sources[split],
+                                                 split, folder)
+    source = config.dataset.name
   unfinished = os.path.join(out_dir, input_pipeline.UNFINISHED_COPY)
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     open(unfinished, 'a').close()
-  counts = {split: _prepare_split(config, src, split, out_dir)
-            for split, src in sources.items()}
+  counts = {}
+  for split in splits:
+    folder = os.path.join(out_dir, split)
+    for name in classes:
+      os.makedirs(os.path.join(folder, name), exist_ok=True)
+    # Every process has written its share before the manifest marks the
+    # copy complete.
+    counts[split] = int(distributed.all_processes(
+        np.asarray(write(split, folder))).sum())
+    metric_writer.report(f'{split}: {counts[split]} images written to '
+                         f'{folder}')
   if jax.process_index() == 0:
     with open(manifest_path + '.tmp', 'w') as f:
-      json.dump({'classes': list(sources[config.dataset.train_split]
-                                 .class_names),
+      json.dump({'classes': list(classes),
                  'resize_size': config.resize_size,
-                 'source': config.dataset.name, 'images': counts}, f)
+                 'source': source, 'images': counts}, f)
     os.replace(manifest_path + '.tmp', manifest_path)
     os.remove(unfinished)
   metric_writer.report(

@@ -172,7 +172,7 @@ logging.get_absl_logger().addFilter(
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 
 
-def _check_archive(path: str) -> None:
+def check_archive(path: str) -> None:
   """Read every member header of a tar, so a damaged or truncated one is
   named before TFDS spends an hour on it."""
   try:
@@ -222,7 +222,7 @@ def _prepare_tfds(config, builder, tfds) -> None:
                            f'{manual}: download it from image-net.org, or '
                            f'set --config.dataset.manual_dir to the folder '
                            f'that holds it')
-      _check_archive(path)
+      check_archive(path)
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual))

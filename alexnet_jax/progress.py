@@ -6,29 +6,43 @@ process 0 only. A job shorter than that prints nothing.
 """
 
 import time
+from typing import Optional
 
 from alexnet_jax import metric_writer
 
 
 class Progress:
-  """Counts work done out of `total` and now and then reports done/total,
-  the rate and the time left."""
+  """Counts images done and now and then reports how far the job is, the
+  rate and the time left.
 
-  def __init__(self, config, what: str, total: int):
-    self._what, self._total = what, total
+  The job's size `total` is in images, or with `archive` (a file's name) in
+  bytes of that archive: a tar's image count is not known before reading it
+  all, its size is.
+  """
+
+  def __init__(self, config, what: str, total: float,
+               archive: Optional[str] = None):
+    self._what, self._total, self._archive = what, total, archive
     self._every_s = config.progress_every_s
     self._start = self._last = time.monotonic()
     self.done = 0
+    self._work = 0.0
 
-  def add(self, count: int) -> None:
+  def add(self, count: int, work: Optional[float] = None) -> None:
+    """`count` more images, standing for `work` of the total (default:
+    `count`)."""
     self.done += count
+    self._work += count if work is None else work
     now = time.monotonic()
     if now - self._last < self._every_s:
       return
     self._last = now
-    rate = self.done / (now - self._start)
-    left = (self._total - self.done) / rate if rate > 0 else float('inf')
+    elapsed = now - self._start
+    fraction = min(1.0, self._work / max(1, self._total))
+    left = elapsed * (1 - fraction) / fraction if fraction else float('inf')
+    done = (f'{self.done} images from {100 * fraction:.0f}% of '
+            f'{self._archive}' if self._archive else
+            f'{self.done}/{self._total} images ({100 * fraction:.0f}%)')
     metric_writer.report(
-        f'{self._what}: {self.done}/{self._total} images '
-        f'({100 * self.done / max(1, self._total):.0f}%), {rate:.1f} '
-        f'images/sec, {left / 60:.1f} min left')
+        f'{self._what}: {done}, {self.done / elapsed:.1f} images/sec, '
+        f'{left / 60:.1f} min left')

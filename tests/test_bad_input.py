@@ -169,6 +169,10 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
       'imagenet truncated archive': (
           [*main, *tiny, *imagenet, f'--config.dataset.manual_dir={manual}',
            f'--workdir={new}'], 'ILSVRC2012_img_val.tar is damaged'),
+      'imagenet truncated archive, prepare': (
+          [*main, *tiny, *imagenet, f'--config.dataset.manual_dir={manual}',
+           '--mode=prepare', f'--workdir={new}'],
+          'ILSVRC2012_img_val.tar is damaged'),
       # Tools.
       'benchmark unknown key': ([*['-m', 'alexnet_jax.benchmark'],
                                  '--config=configs/quickstart.py',

@@ -1,12 +1,17 @@
 """--mode=prepare (the 256-px copy) and --mode=stats (mean and PCA)."""
 
+import copy
 import glob
 import io
+import json
 import os
 import re
+import shutil
 import signal
 import time
+from unittest import mock
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -18,6 +23,7 @@ from alexnet_jax import config as config_lib
 from alexnet_jax import dataset_stats
 from alexnet_jax import dataset_tools
 from alexnet_jax import errors
+from alexnet_jax import imagenet_archives
 from alexnet_jax import input_pipeline
 from alexnet_jax import normalization
 
@@ -161,3 +167,114 @@ def test_a_prepare_killed_partway_resumes_to_the_same_copy(tmp_path, data_dir):
   finished = {k: v for k, v in before.items() if k.endswith('.jpeg')}
   assert finished and all(after[k][1] == v[1] for k, v in finished.items())
   assert not (killed / input_pipeline.UNFINISHED_COPY).exists()
+
+
+def _images_by_class(copy):
+  """split/class -> the sorted bytes of its images, whatever their names."""
+  found = {}
+  for path in glob.glob(os.path.join(copy, '*', '*', '*')):
+    with open(path, 'rb') as f:
+      found.setdefault(os.path.relpath(os.path.dirname(path), copy),
+                       []).append(f.read())
+  return {folder: sorted(images) for folder, images in found.items()}
+
+
+def _imagenet_config(config, data_dir, manual_dir):
+  config.dataset.name = 'imagenet2012'
+  config.dataset.data_dir = str(data_dir)
+  config.dataset.manual_dir = str(manual_dir)
+  config.progress_every_s = 0
+  return config
+
+
+def test_prepare_from_imagenet_s_archives_equals_the_copy_through_tfds(
+    tiny_config, tmp_path, capsys):
+  """Straight from the tars, without building TFDS's imagenet2012: the same
+  images in the same class folders, byte for byte, as a copy made through
+  TFDS, its CMYK and PNG files converted as TFDS converts them."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  manual = fake_imagenet.write(str(tmp_path / 'manual'), train_per_class=3,
+                               val_images=5, odd_files=True)
+  direct = _imagenet_config(tiny_config, tmp_path / 'no_tfds', manual)
+  dataset_tools.prepare(direct, str(tmp_path / 'direct'))
+  assert not tfds.builder('imagenet2012',
+                          data_dir=str(tmp_path / 'no_tfds')).is_prepared()
+  shown = capsys.readouterr().out
+  assert re.search(r'train: writing: \d+ images from \d+% of '
+                   r'ILSVRC2012_img_train.tar, [\d.]+ images/sec', shown)
+
+  through_tfds = _imagenet_config(copy.deepcopy(tiny_config),
+                                  tmp_path / 'tfds', manual)
+  input_pipeline.source(through_tfds, 'train')  # builds imagenet2012
+  dataset_tools.prepare(through_tfds, str(tmp_path / 'through_tfds'))
+  images = _images_by_class(str(tmp_path / 'direct'))
+  assert images == _images_by_class(str(tmp_path / 'through_tfds'))
+  assert sum(map(len, images.values())) == 3 * 3 + 2 + 5
+  assert {folder for folder in images if folder.startswith('train')} == {
+      f'train/{wnid}' for wnid in fake_imagenet.CLASSES + tuple(
+          name.split('_')[0] for name in (fake_imagenet.CMYK_FILE,
+                                          fake_imagenet.PNG_FILE))}
+  for made in ('direct', 'through_tfds'):
+    with open(tmp_path / made / 'manifest.json') as f:
+      assert json.load(f)['classes'][:3] == list(fake_imagenet.CLASSES)
+  assert os.path.exists(tmp_path / 'direct' / 'validation' / 'n01751748' /
+                        'ILSVRC2012_val_00000001.jpeg')
+
+
+def test_prepare_from_the_archives_goes_on_where_it_stopped(tiny_config,
+                                                            tmp_path):
+  """A copy that lost its last images (and its manifest) to an interruption
+  is completed by the same command, equal to the whole copy, without
+  rewriting what was there; processes take disjoint shares of the tars."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  manual = fake_imagenet.write(str(tmp_path / 'manual'))
+  config = _imagenet_config(tiny_config, tmp_path / 'no_tfds', manual)
+  whole, resumed = str(tmp_path / 'whole'), str(tmp_path / 'resumed')
+  dataset_tools.prepare(config, whole)
+  shutil.copytree(whole, resumed)
+  os.remove(os.path.join(resumed, 'manifest.json'))
+  open(os.path.join(resumed, input_pipeline.UNFINISHED_COPY), 'w').close()
+  lost = sorted(glob.glob(os.path.join(resumed, 'train', '*', '*')))[-5:]
+  for path in lost:
+    os.remove(path)
+  kept = {p: os.stat(p).st_mtime_ns
+          for p in glob.glob(os.path.join(resumed, '*', '*', '*'))}
+  dataset_tools.prepare(config, resumed)
+  assert _files(resumed).keys() == _files(whole).keys()
+  assert {k: v[0] for k, v in _files(resumed).items()} == {
+      k: v[0] for k, v in _files(whole).items()}
+  assert {p: os.stat(p).st_mtime_ns for p in kept} == kept
+
+  shares = []
+  for index in (0, 1):
+    with mock.patch.object(jax, 'process_count', lambda: 2), \
+        mock.patch.object(jax, 'process_index', lambda i=index: i):
+      shares.append({stem for split in ('train', 'validation')
+                     for _, stem, _, _ in imagenet_archives.images(manual,
+                                                                   split)})
+  assert not shares[0] & shares[1]
+  assert len(shares[0] | shares[1]) == 3 * 4 + 6
+
+
+def test_a_damaged_class_tar_stops_prepare_in_one_error_keeping_its_work(
+    tiny_config, tmp_path):
+  """The outer headers are whole, so the up-front check passes; the second
+  class's tar is garbage. The error names the archive, and the first
+  class's images stay for the next run."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  manual = fake_imagenet.write(str(tmp_path / 'manual'))
+  path = os.path.join(manual, imagenet_archives.TRAIN_ARCHIVE)
+  with tarfile.open(path) as archive:
+    second = archive.getmembers()[1]
+  with open(path, 'r+b') as f:
+    f.seek(second.offset_data)
+    f.write(b'x' * 512)
+  config = _imagenet_config(tiny_config, tmp_path / 'no_tfds', manual)
+  with pytest.raises(input_pipeline.DatasetError,
+                     match='ILSVRC2012_img_train.tar is damaged .* the same '
+                           'command goes on from them'):
+    dataset_tools.prepare(config, str(tmp_path / 'copy'))
+  assert len(os.listdir(tmp_path / 'copy' / 'train' /
+                        fake_imagenet.CLASSES[0])) == 4
