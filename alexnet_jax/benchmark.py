@@ -5,12 +5,17 @@
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=input_pipeline --photos=500x375 [--prepared]
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
+      --what=prepare --photos=400x350 --photos_count=1000 [--through_tfds]
+  python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=checkpoint --config.batch_size=64 --config.mesh.data=1
 
 train_step: the batch is random and lives on the devices, so the figure is
 the network's and the mesh's alone. input_pipeline: train batches from the
 config's dataset, or from --photos synthetic photo-like JPEGs of that size
 (and with --prepared, from their --mode=prepare copy), on the host only.
+prepare: --mode=prepare straight from ImageNet-layout archives of --photos
+synthetic photos (10 classes), against the decode limit: one thread of
+tf.io.decode_jpeg over the same files.
 checkpoint: how long a save of the train state (after one step, so the
 momentum is not all zeros) holds up training, how long until it is on disk,
 its size, and how long a restore takes.
@@ -45,7 +50,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file with get_config().',
     lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'train_step',
-                          ['train_step', 'input_pipeline', 'checkpoint'],
+                          ['train_step', 'input_pipeline', 'checkpoint',
+                           'prepare'],
                           'What to time.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.',
                                lower_bound=0)
@@ -65,6 +71,9 @@ _PHOTOS_COUNT = flags.DEFINE_integer('photos_count', 500,
                                      lower_bound=1)
 _PREPARED = flags.DEFINE_bool('prepared', False,
                               'input_pipeline: read the photos\' 256-px copy.')
+_THROUGH_TFDS = flags.DEFINE_bool(
+    'through_tfds', False, 'prepare: also time the same copy made through '
+    'TFDS (building imagenet2012, then prepare from it).')
 flags.mark_flags_as_required(['config'])
 
 
@@ -168,23 +177,36 @@ def time_checkpoint(config, repeats: int) -> dict[str, object]:
   }
 
 
+def _one_over_f_image(rng: np.random.Generator, width: int,
+                      height: int) -> np.ndarray:
+  """uint8 RGB whose spectrum falls as 1/f^0.9, as natural images' roughly
+  do, with correlated channels: at 400x350 and JPEG quality 90 about 104 KB,
+  near ImageNet's 110 KB, so it decodes like a photo."""
+  fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+  frequency = np.hypot(fx, fy)
+  frequency[0, 0] = 1.0
+  channels = []
+  for _ in range(3):
+    spectrum = (rng.normal(size=frequency.shape)
+                + 1j * rng.normal(size=frequency.shape)) / frequency**0.9
+    spectrum[0, 0] = 0.0
+    channels.append(np.fft.irfft2(spectrum, s=(height, width)))
+  image = np.stack(channels, -1) @ (np.eye(3) + 0.3 * rng.normal(0, 1, (3, 3)))
+  image = (image - image.mean()) / image.std() * 60 + 110
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
 def synthetic_photos(directory: str, width: int, height: int, count: int,
                      seed: int = 0) -> float:
-  """Folder dataset of JPEGs with a photo's mix of smooth shapes and fine
-  texture (so decoding costs about what a photo's does). Returns the mean
-  file size in bytes."""
+  """Folder dataset of 10 classes of photo-like JPEGs (quality 90) whose
+  decoding costs about what a photo's does. Returns the mean file size in
+  bytes."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   sizes = []
   for i in range(count):
-    image = 128 + rng.normal(0, 16, (height, width, 3))
-    for cells, amplitude in ((3, 60), (12, 35), (48, 20)):
-      for c in range(3):
-        coarse = rng.uniform(-amplitude, amplitude, (cells, cells))
-        image[:, :, c] += np.asarray(Image.fromarray(
-            coarse.astype(np.float32)).resize((width, height), Image.BICUBIC))
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(
+    Image.fromarray(_one_over_f_image(rng, width, height)).save(
         buffer, format='JPEG', quality=90)
     folder = os.path.join(directory, 'train', f'class{i % 10}')
     os.makedirs(folder, exist_ok=True)
@@ -192,6 +214,15 @@ def synthetic_photos(directory: str, width: int, height: int, count: int,
       f.write(buffer.getvalue())
     sizes.append(len(buffer.getvalue()))
   return float(np.mean(sizes))
+
+
+def _files_under(directory: str) -> list[bytes]:
+  found = []
+  for root, _, names in sorted(os.walk(directory)):
+    for name in sorted(names):
+      with open(os.path.join(root, name), 'rb') as f:
+        found.append(f.read())
+  return found
 
 
 def time_input_pipeline(config, warmup: int, repeats: int,
@@ -240,14 +271,91 @@ def _input_pipeline_on_photos(config, warmup, repeats, steps_per_repeat):
     config.dataset.name = f'folder:{photos}'
     config.dataset.eval_split = config.dataset.train_split
     config.dataset.data_dir = tmp   # the screening cache
+    read = photos
     if _PREPARED.value:
       from alexnet_jax import dataset_tools  # pylint: disable=g-import-not-at-top
-      copy = os.path.join(tmp, 'copy')
-      dataset_tools.prepare(config, copy)
-      config.dataset.name = f'folder:{copy}'
+      read = os.path.join(tmp, 'copy')
+      dataset_tools.prepare(config, read)
+      config.dataset.name = f'folder:{read}'
+    jpegs = _files_under(os.path.join(read, 'train'))
+    limit, pixels = decode_limit(jpegs)
     result = time_input_pipeline(config, warmup, repeats, steps_per_repeat)
   return dict(result, photos=_PHOTOS.value, prepared=_PREPARED.value,
-              photo_bytes=round(mean_bytes))
+              photo_bytes=round(mean_bytes),
+              read_bytes=round(float(np.mean([len(j) for j in jpegs]))),
+              read_pixels=round(pixels),
+              decode_limit_per_core=round(limit, 1),
+              fraction_of_decode_limit=round(
+                  result['images_per_sec_per_core'] / limit, 3))
+
+
+def decode_limit(jpegs: list[bytes]) -> tuple[float, float]:
+  """Images/sec of one thread decoding whole JPEGs, as PERF_NOTES.md
+  measures the limit (tf.io.decode_jpeg, INTEGER_FAST, no fancy
+  upscaling), and their mean pixel count."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  decode = tf.function(lambda data: tf.shape(tf.io.decode_jpeg(
+      data, channels=3, dct_method='INTEGER_FAST', fancy_upscaling=False)))
+  decode(jpegs[0])
+  pixels = []
+  started = time.perf_counter()
+  for data in jpegs:
+    pixels.append(decode(data))
+  rate = len(jpegs) / (time.perf_counter() - started)
+  return rate, float(np.mean([int(p[0]) * int(p[1]) for p in pixels]))
+
+
+def time_prepare(config, photos: str, count: int,
+                 through_tfds: bool) -> dict[str, object]:
+  """--mode=prepare from archives of `count` synthetic photos (and as many
+  tenths again as validation images), per core against the decode limit."""
+  from alexnet_jax import dataset_tools  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import imagenet_archives  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  width, height = (int(v) for v in photos.split('x'))
+  with tempfile.TemporaryDirectory() as tmp:
+    synthetic_photos(os.path.join(tmp, 'photos'), width, height, count)
+    jpegs = _files_under(os.path.join(tmp, 'photos'))
+    wnids = imagenet_archives.class_names()[:10]
+    train = {wnid: [(f'{wnid}_{i}.JPEG', data)
+                    for i, data in enumerate(jpegs[k::10])]
+             for k, wnid in enumerate(wnids)}
+    validation = [(f'ILSVRC2012_val_{i + 1:08d}.JPEG', data)
+                  for i, data in enumerate(jpegs[:count // 10])]
+    manual = imagenet_archives.write_archives(os.path.join(tmp, 'manual'),
+                                              train, validation)
+    images = len(jpegs) + len(validation)
+    limit, _ = decode_limit(jpegs)
+    started = time.perf_counter()
+    for split in imagenet_archives.SPLITS:
+      for _ in imagenet_archives.images(manual, split):
+        pass
+    reading = images / (time.perf_counter() - started)
+    config.dataset.name = 'imagenet2012'
+    config.dataset.manual_dir = manual
+    config.dataset.data_dir = os.path.join(tmp, 'tfds')
+    started = time.perf_counter()
+    dataset_tools.prepare(config, os.path.join(tmp, 'direct'))
+    rate = images / (time.perf_counter() - started)
+    cores = len(os.sched_getaffinity(0))
+    result = {
+        'what': 'prepare', 'photos': photos,
+        'photo_bytes': round(float(np.mean([len(j) for j in jpegs]))),
+        'photo_pixels': width * height, 'images': images, 'cores': cores,
+        'resize_size': config.resize_size,
+        'decode_limit_per_core': round(limit, 1),
+        'archive_reading_images_per_sec': round(reading, 1),
+        'images_per_sec': round(rate, 1),
+        'images_per_sec_per_core': round(rate / cores, 1),
+        'fraction_of_decode_limit': round(rate / cores / limit, 3),
+    }
+    if through_tfds:
+      started = time.perf_counter()
+      input_pipeline.source(config, 'train')  # builds imagenet2012
+      dataset_tools.prepare(config, os.path.join(tmp, 'through_tfds'))
+      result['through_tfds_images_per_sec'] = round(
+          images / (time.perf_counter() - started), 1)
+  return result
 
 
 def main(argv):
@@ -260,6 +368,10 @@ def main(argv):
       result = time_train_step(config, *timings)
     elif _WHAT.value == 'checkpoint':
       result = time_checkpoint(config, _REPEATS.value)
+    elif _WHAT.value == 'prepare':
+      tf_runtime.start()
+      result = time_prepare(config, _PHOTOS.value or '400x350',
+                            _PHOTOS_COUNT.value, _THROUGH_TFDS.value)
     elif _PHOTOS.value:
       tf_runtime.start()
       result = _input_pipeline_on_photos(config, *timings)
