@@ -32,6 +32,7 @@ from alexnet_jax import builtin_data
 from alexnet_jax import distributed
 from alexnet_jax import errors
 from alexnet_jax import normalization
+from alexnet_jax import progress
 from alexnet_jax import screening
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -224,8 +225,9 @@ def _prepare_tfds(config, builder, tfds) -> None:
                            f'that holds it')
       check_archive(path)
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    with progress.tfds_bars_as_lines(config, tfds):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual))
   except (tarfile.TarError, EOFError, zlib.error) as e:
     raise DatasetError(f'an archive in {manual} is damaged ({e}): download '
                        f'it again') from e

@@ -1,10 +1,12 @@
-"""Progress lines for long jobs (prepare, stats, evaluation).
+"""Progress lines for long jobs (prepare, stats, evaluation, TFDS builds).
 
 Plain lines, one every config.progress_every_s seconds, so that a log file
 reads as well as a terminal (no carriage-return spinners); printed by
 process 0 only. A job shorter than that prints nothing.
 """
 
+import contextlib
+import re
 import time
 from typing import Optional
 
@@ -46,3 +48,34 @@ class Progress:
     metric_writer.report(
         f'{self._what}: {done}, {self.done / elapsed:.1f} images/sec, '
         f'{left / 60:.1f} min left')
+
+
+class _Lines:
+  """A file for tqdm that prints each refresh of a bar as a plain line."""
+
+  def write(self, text: str) -> None:
+    line = re.sub(r'\x1b\[[0-9;]*[A-Za-z]', '', text.replace('\r', '')).strip()
+    if line:
+      metric_writer.report(line)
+
+  def flush(self) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def tfds_bars_as_lines(config, tfds):
+  """While TFDS builds a dataset, its own tqdm bars (examples done/total,
+  rate, time left) as a plain line every progress_every_s seconds."""
+  import tqdm  # pylint: disable=g-import-not-at-top  # TFDS's dependency
+  original = tfds.core.utils.tqdm
+  every = config.progress_every_s
+
+  def bar(*args, **kwargs):
+    return tqdm.tqdm(*args, **dict(kwargs, file=_Lines(), mininterval=every,
+                                   maxinterval=max(every, 1), ascii=True))
+
+  tfds.core.utils.tqdm = bar
+  try:
+    yield
+  finally:
+    tfds.core.utils.tqdm = original

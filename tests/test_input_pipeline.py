@@ -5,6 +5,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -280,17 +281,23 @@ def test_a_torchvision_style_val_folder_is_the_evaluation_split(
 
 
 def test_imagenet_is_built_through_tfds_from_archives_in_its_manual_folder(
-    tiny_config, tmp_path):
+    tiny_config, tmp_path, capsys):
   """Fake archives in image-net.org's layout, in TFDS's default manual
   folder: the ImageNet path of a fresh install, end to end (it once failed
-  on an undeclared dependency of tensorflow-datasets)."""
+  on an undeclared dependency of tensorflow-datasets). TFDS's progress bars
+  come out as plain lines on stdout."""
   import fake_imagenet  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path / 'tfds'
   fake_imagenet.write(str(data_dir / 'downloads' / 'manual'),
                       train_per_class=3, val_images=5)
   tiny_config.dataset.name = 'imagenet2012'
   tiny_config.dataset.data_dir = str(data_dir)
+  tiny_config.progress_every_s = 0
   train = input_pipeline.source(tiny_config, 'train')
+  shown = capsys.readouterr().out.splitlines()
+  assert 'Generating train examples...: 9 examples' in '\n'.join(shown)
+  assert any(line.startswith('Generating splits...: 100%|') for line in shown)
+  assert not any('\r' in line or '\x1b' in line for line in shown)
   assert train.num_examples == 9 and len(train.class_names) == 1000
   labels = sorted(int(y) for _, y in train.examples.as_numpy_iterator())
   assert labels == sorted(
