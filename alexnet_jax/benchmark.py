@@ -295,7 +295,9 @@ def decode_limit(jpegs: list[bytes]) -> tuple[float, float]:
   upscaling), and their mean pixel count."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   decode = tf.function(lambda data: tf.shape(tf.io.decode_jpeg(
-      data, channels=3, dct_method='INTEGER_FAST', fancy_upscaling=False)))
+      data, channels=3, dct_method='INTEGER_FAST', fancy_upscaling=False)),
+                       input_signature=[tf.TensorSpec((), tf.string)])
+  jpegs = [tf.constant(data) for data in jpegs]  # traced once, not per file
   decode(jpegs[0])
   pixels = []
   started = time.perf_counter()
