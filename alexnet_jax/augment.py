@@ -42,8 +42,18 @@ def _decode_other(encoded: tf.Tensor) -> tf.Tensor:
   return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def _resize_to_uint8(image: tf.Tensor, shape, antialias: bool) -> tf.Tensor:
-  out = tf.image.resize(image, shape, method='bilinear', antialias=antialias)
+def _resize_to_uint8(image: tf.Tensor, shape) -> tf.Tensor:
+  """Bilinear resize to `shape`, as uint8.
+
+  Plain bilinear is 4x faster than antialiased (measured: 1,880 vs 470
+  images/sec on 2 cores) and samples well down to half size; beyond that
+  (images far larger than ImageNet's) it would alias, so filter first.
+  """
+  far = tf.reduce_any(tf.shape(image)[:2] > 2 * tf.convert_to_tensor(shape))
+  out = tf.cond(
+      far,
+      lambda: tf.image.resize(image, shape, method='bilinear', antialias=True),
+      lambda: tf.image.resize(image, shape, method='bilinear'))
   return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
@@ -60,7 +70,7 @@ def shorter_side_to(encoded: tf.Tensor, size: int) -> tf.Tensor:
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   new_shape = tf.maximum(1, tf.cast(
       tf.round(shape * size / tf.reduce_min(shape)), tf.int32))
-  return _resize_to_uint8(image, new_shape, antialias=True)
+  return _resize_to_uint8(image, new_shape)
 
 
 def decode_window(encoded: tf.Tensor, resize_size: int, top, left,
@@ -84,16 +94,9 @@ def decode_window(encoded: tf.Tensor, resize_size: int, top, left,
   image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   image.set_shape([None, None, 3])
 
-  # Plain bilinear is 4x faster than antialiased (measured: 1,880 vs 470
-  # images/sec on 2 cores) and samples well down to half size; beyond that
-  # (images far larger than ImageNet's) it would alias, so filter first.
-  shape = tf.shape(image)[:2]
-  same = tf.reduce_all(shape == size)
-  far = tf.reduce_any(shape > 2 * size)
-  image = tf.case(
-      [(same, lambda: image),
-       (far, lambda: _resize_to_uint8(image, (size, size), antialias=True))],
-      default=lambda: _resize_to_uint8(image, (size, size), antialias=False))
+  image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size),
+                  lambda: image,
+                  lambda: _resize_to_uint8(image, (size, size)))
   image.set_shape([size, size, 3])
   return image
 
