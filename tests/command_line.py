@@ -30,15 +30,42 @@ def start_main(*args, devices=1) -> subprocess.Popen:
       stderr=subprocess.PIPE, text=True)
 
 
+# The tiny setting of every test, in-process or on the command line: the
+# quickstart at width 0.125 on 80 training and 30 evaluation images, 4 steps
+# of 16, so both kinds of test run the same network.
+TINY = {
+    'dataset.builtin_train_per_class': 8,
+    'dataset.builtin_eval_per_class': 3,
+    'model.width': 0.125,
+    'batch_size': 16,
+    'num_train_steps': 4,
+    'log_every_steps': 2,
+    'checkpoint_every_steps': 2,
+    'eval.batch_size': 7,   # does not divide the 30 evaluation images
+}
+
+
+def tiny_config(data_dir):
+  """TINY as a config, on one device (in-process tests see 8 fake ones)."""
+  import configs.quickstart  # pylint: disable=g-import-not-at-top
+  config = configs.quickstart.get_config()
+  config.dataset.data_dir = data_dir
+  for key, value in TINY.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  config.mesh.data = 1
+  return config
+
+
 def tiny_flags(data_dir, eval_batch=7):
-  """The quickstart at width 0.125 on 80 training images: 4 steps of 16."""
+  """TINY as command-line flags."""
   return ['--config=configs/quickstart.py',
           f'--config.dataset.data_dir={data_dir}',
-          '--config.dataset.builtin_train_per_class=8',
-          '--config.dataset.builtin_eval_per_class=3',
-          '--config.model.width=0.125', '--config.batch_size=16',
-          '--config.num_train_steps=4', '--config.log_every_steps=2',
-          '--config.checkpoint_every_steps=2',
+          *(f'--config.{key}={value}' for key, value in TINY.items()
+            if key != 'eval.batch_size'),
           f'--config.eval.batch_size={eval_batch}']
 
 

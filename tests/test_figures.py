@@ -1,6 +1,5 @@
 """Looking at a network: the figures' drawing, predict, figures and export."""
 
-import ast
 import glob
 import json
 import os
@@ -9,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import command_line
 from command_line import checkpointed_params
 from command_line import run_main
 from command_line import tiny_flags
@@ -68,22 +68,6 @@ def test_a_prediction_panel_draws_bars_as_long_as_the_probabilities():
   assert bar_length(1, figures._OTHER) == 0
 
 
-def _config(data_dir, *extra):
-  """The config tiny_flags (and `extra`) give the command line."""
-  import configs.quickstart  # pylint: disable=g-import-not-at-top
-  config = configs.quickstart.get_config()
-  for flag in tiny_flags(data_dir)[1:] + list(extra):
-    key, value = flag[len('--config.'):].split('=', 1)
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = (value if isinstance(node[leaf], str) or value == data_dir
-                  else ast.literal_eval(value))
-  config.mesh.data = 1
-  return config
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('looked_at') / 'run')
@@ -115,7 +99,8 @@ def test_predict_gives_the_probabilities_of_the_eval_step(trained, data_dir,
   """10 crops each: -log of predict's top probability is eval_step's loss
   for that class as label. Files and a folder, more than one batch (7)."""
   workdir, params = trained
-  config = _config(data_dir, '--config.eval.crops=10')
+  config = command_line.tiny_config(data_dir)
+  config.eval.crops = 10
   named = _eval_files(config, 9)
   folder = tmp_path / 'images'
   folder.mkdir()
@@ -176,7 +161,7 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
       4 * (figures.TILE + 4) + 4, 2 * (panel_height + 4) + 4)
 
   # fc7 of every pool image and query, recomputed here; compare each pair.
-  config = _config(data_dir)
+  config = command_line.tiny_config(data_dir)
   model = models.build(config)
   fc7 = lambda images: np.asarray(inference.fc7_features(
       model, params, images, config.dataset.mean_rgb))
@@ -211,7 +196,7 @@ def test_the_exported_saved_model_gives_the_jax_probabilities(trained,
   workdir, params = trained
   run_main(*tiny_flags(data_dir), f'--workdir={workdir}', '--mode=export')
   export_dir = os.path.join(workdir, 'saved_model')
-  config = _config(data_dir)
+  config = command_line.tiny_config(data_dir)
   with open(os.path.join(export_dir, 'class_names.txt')) as f:
     assert tuple(f.read().split()) == input_pipeline.class_names(config)
   images = _crops(config, _eval_files(config, 6))
