@@ -103,6 +103,8 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
       'learning_rate=-0.1': 'learning_rate=-0.1',
       'eval_every_steps=-2': 'eval_every_steps=-2',
       'dtype=float16': 'use --config.dtype=bfloat16',
+      'progress_every_s=-1': 'progress_every_s=-1',
+      'conv1_lr_cut_epoch=-2': 'conv1_lr_cut_epoch=-2',
   }
   cases = {
       **{value: ([*main, *tiny, f'--config.{value}', f'--workdir={new}'],
