@@ -316,7 +316,8 @@ def time_prepare(config, photos: str, count: int,
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   width, height = (int(v) for v in photos.split('x'))
   with tempfile.TemporaryDirectory() as tmp:
-    synthetic_photos(os.path.join(tmp, 'photos'), width, height, count)
+    mean_bytes = synthetic_photos(os.path.join(tmp, 'photos'), width, height,
+                                  count)
     jpegs = _files_under(os.path.join(tmp, 'photos'))
     wnids = imagenet_archives.class_names()[:10]
     train = {wnid: [(f'{wnid}_{i}.JPEG', data)
@@ -342,7 +343,7 @@ def time_prepare(config, photos: str, count: int,
     cores = len(os.sched_getaffinity(0))
     result = {
         'what': 'prepare', 'photos': photos,
-        'photo_bytes': round(float(np.mean([len(j) for j in jpegs]))),
+        'photo_bytes': round(mean_bytes),
         'photo_pixels': width * height, 'images': images, 'cores': cores,
         'resize_size': config.resize_size,
         'decode_limit_per_core': round(limit, 1),

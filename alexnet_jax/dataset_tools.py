@@ -97,9 +97,9 @@ def _prepare_split(config, src: input_pipeline.Source, split: str,
   """
   finished = _finished_numbers(folder, src.class_names)
   number = lambda index: index * jax.process_count() + jax.process_index()
-  todo = [i for i in range(src.num_local) if number(i) not in finished]
-  done_mask = tf.constant([number(i) in finished
-                           for i in range(src.num_local)], tf.bool)
+  is_done = [number(i) in finished for i in range(src.num_local)]
+  todo = [i for i, done in enumerate(is_done) if not done]
+  done_mask = tf.constant(is_done, tf.bool)
   names = tf.constant(src.class_names)
 
   def item(index, example):
@@ -123,7 +123,7 @@ def _prepare_split(config, src: input_pipeline.Source, split: str,
 
 
 def _prepare_split_from_archive(config, manual: str, split: str,
-                                folder: str) -> int:
+                                share_bytes: int, folder: str) -> int:
   """Write this process's share of `split` straight from ImageNet's archive
   as CLASS/STEM.jpeg (n01440764_10026.jpeg, ILSVRC2012_val_00000001.jpeg),
   skipping the images a killed run finished. Returns how many images this
@@ -136,10 +136,8 @@ def _prepare_split_from_archive(config, manual: str, split: str,
       return True
     return False
 
-  shown = progress.Progress(
-      config, f'{split}: writing',
-      imagenet_archives.share_bytes(manual, split),
-      archive=imagenet_archives.SPLITS[split])
+  shown = progress.Progress(config, f'{split}: writing', share_bytes,
+                            archive=imagenet_archives.SPLITS[split])
   items, reading = imagenet_archives.dataset(manual, split, done)
   written = _write(config, items, folder, shown)
   if isinstance(reading.error, (tarfile.TarError, EOFError, OSError)):
@@ -169,11 +167,12 @@ def prepare(config, out_dir: str) -> None:
   splits = (config.dataset.train_split, config.dataset.eval_split)
   manual = imagenet_archives.folder(config)
   if manual:
-    for archive in imagenet_archives.SPLITS.values():
-      input_pipeline.check_archive(os.path.join(manual, archive))
+    share_bytes = {split: imagenet_archives.share_bytes(
+        input_pipeline.check_archive(os.path.join(manual, archive)))
+                   for split, archive in imagenet_archives.SPLITS.items()}
     classes = imagenet_archives.class_names()
     write = lambda split, folder: _prepare_split_from_archive(
-        config, manual, split, folder)
+        config, manual, split, share_bytes[split], folder)
     source = f'imagenet2012 archives in {manual}'
   else:
     # The sources are opened first, so a wrong dataset leaves nothing.

@@ -50,12 +50,7 @@ def tiny_config(data_dir):
   import configs.quickstart  # pylint: disable=g-import-not-at-top
   config = configs.quickstart.get_config()
   config.dataset.data_dir = data_dir
-  for key, value in TINY.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(TINY)
   config.mesh.data = 1
   return config
 
