@@ -1,9 +1,11 @@
-"""Speed of the compiled train step, the input pipeline or checkpoints, apart.
+"""Speed of the train step, the input pipeline, training as a whole, checkpoints.
 
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=train_step --config.batch_size=64 --config.mesh.data=1
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=input_pipeline --photos=500x375 [--prepared]
+  python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
+      --what=end_to_end --photos=400x350 --config.batch_size=64
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=prepare --photos=400x350 --photos_count=1000 [--through_tfds]
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
@@ -13,6 +15,8 @@ train_step: the batch is random and lives on the devices, so the figure is
 the network's and the mesh's alone. input_pipeline: train batches from the
 config's dataset, or from --photos synthetic photo-like JPEGs of that size
 (and with --prepared, from their --mode=prepare copy), on the host only.
+end_to_end: that input pipeline feeding the train step, batches put on the
+devices two steps ahead, as training runs; and which of the two bounds it.
 prepare: --mode=prepare straight from ImageNet-layout archives of --photos
 synthetic photos (10 classes), against the decode limit: one thread of
 tf.io.decode_jpeg over the same files.
@@ -24,7 +28,9 @@ The last line printed is one JSON object. The train step imports no
 TensorFlow: it runs on machines with only JAX.
 """
 
+import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -32,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any, Iterator, Optional
 
 from absl import app
 from absl import flags
@@ -39,6 +46,7 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
+from alexnet_jax import allocator
 from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
@@ -50,8 +58,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file with get_config().',
     lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'train_step',
-                          ['train_step', 'input_pipeline', 'checkpoint',
-                           'prepare'],
+                          ['train_step', 'input_pipeline', 'end_to_end',
+                           'checkpoint', 'prepare'],
                           'What to time.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.',
                                lower_bound=0)
@@ -60,7 +68,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median counts.
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps (batches) per timed repeat.',
                               lower_bound=1)
 _PHOTOS = flags.DEFINE_string(
-    'photos', '', 'input_pipeline: WIDTHxHEIGHT of synthetic photo-like '
+    'photos', '', 'input_pipeline, end_to_end: WIDTHxHEIGHT of synthetic photo-like '
     'JPEGs to read instead of the config\'s dataset.')
 flags.register_validator(
     'photos', lambda value: not value or re.fullmatch(r'[1-9]\d*x[1-9]\d*',
@@ -69,8 +77,9 @@ flags.register_validator(
 _PHOTOS_COUNT = flags.DEFINE_integer('photos_count', 500,
                                      'How many synthetic photos.',
                                      lower_bound=1)
-_PREPARED = flags.DEFINE_bool('prepared', False,
-                              'input_pipeline: read the photos\' 256-px copy.')
+_PREPARED = flags.DEFINE_bool(
+    'prepared', False, 'input_pipeline, end_to_end: read the photos\' 256-px '
+    'copy.')
 _THROUGH_TFDS = flags.DEFINE_bool(
     'through_tfds', False, 'prepare: also time the same copy made through '
     'TFDS (building imagenet2012, then prepare from it).')
@@ -88,34 +97,54 @@ def random_batch(config, mesh: jax.sharding.Mesh, seed: int = 0):
   }, mesh, steps.mesh_towers(config, mesh))
 
 
-def time_train_step(config, warmup: int, repeats: int,
-                    steps_per_repeat: int) -> dict[str, object]:
+class _Training:
+  """A train state on the mesh and its compiled step, run and timed."""
+
+  def __init__(self, config):
+    self.config = config
+    self.mesh = parallel.make_mesh(config)
+    self.towers = steps.mesh_towers(config, self.mesh)
+    parallel.check_batch(config.batch_size, self.mesh, self.towers,
+                         'batch_size')
+    self.state = steps.create_sharded_train_state(config, self.mesh)
+    self.step = steps.make_train_step(config, self.mesh, steps_per_epoch=1000)
+    self.compile_s = None
+
+  def run(self, batches: Iterator[Any], warmup: int, repeats: int,
+          steps_per_repeat: int, what: str) -> tuple[list[float], list[float]]:
+    """Images/sec and CPU seconds per step of each timed repeat."""
+    started = time.perf_counter()
+    self.state, _ = self.step(self.state, next(batches))
+    jax.block_until_ready(self.state)
+    if self.compile_s is None:
+      self.compile_s = time.perf_counter() - started
+    for _ in range(warmup):
+      self.state, _ = self.step(self.state, next(batches))
+    jax.block_until_ready(self.state)
+    rates, cpu_seconds = [], []
+    for _ in range(repeats):
+      started, cpu_started = time.perf_counter(), time.process_time()
+      for _ in range(steps_per_repeat):
+        self.state, metrics = self.step(self.state, next(batches))
+      jax.block_until_ready((self.state, metrics))
+      rates.append(steps_per_repeat * self.config.batch_size
+                   / (time.perf_counter() - started))
+      cpu_seconds.append((time.process_time() - cpu_started)
+                         / steps_per_repeat)
+      print(f'{what}: {rates[-1]:.1f} images/sec, {cpu_seconds[-1]:.2f} CPU '
+            f's/step', file=sys.stderr, flush=True)
+    return rates, cpu_seconds
+
+
+def time_train_step(config, warmup: int, repeats: int, steps_per_repeat: int,
+                    training: Optional[_Training] = None) -> dict[str, object]:
   """Images/sec of the train step: the median over `repeats` timed runs."""
-  mesh = parallel.make_mesh(config)
-  parallel.check_batch(config.batch_size, mesh,
-                       steps.mesh_towers(config, mesh), 'batch_size')
-  state = steps.create_sharded_train_state(config, mesh)
-  step = steps.make_train_step(config, mesh, steps_per_epoch=1000)
-  batch = random_batch(config, mesh)
-  started = time.perf_counter()
-  state, _ = step(state, batch)
-  jax.block_until_ready(state)
-  compile_s = time.perf_counter() - started
-  for _ in range(warmup):
-    state, _ = step(state, batch)
-  jax.block_until_ready(state)
-  rates, cpu_seconds = [], []
-  for _ in range(repeats):
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for _ in range(steps_per_repeat):
-      state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    rates.append(steps_per_repeat * config.batch_size
-                 / (time.perf_counter() - started))
-    cpu_seconds.append((time.process_time() - cpu_started)
-                       / steps_per_repeat)
-    print(f'{rates[-1]:.1f} images/sec, {cpu_seconds[-1]:.2f} CPU s/step',
-          file=sys.stderr, flush=True)
+  training = training or _Training(config)
+  mesh = training.mesh
+  rates, cpu_seconds = training.run(
+      itertools.repeat(random_batch(config, mesh)), warmup, repeats,
+      steps_per_repeat, 'train step')
+  compile_s = training.compile_s
   images_per_sec = statistics.median(rates)
   return {
       'what': 'train_step',
@@ -262,8 +291,12 @@ def time_input_pipeline(config, warmup: int, repeats: int,
   }
 
 
-def _input_pipeline_on_photos(config, warmup, repeats, steps_per_repeat):
-  """time_input_pipeline on synthetic photos, or on their prepared copy."""
+@contextlib.contextmanager
+def _on_photos(config):
+  """Points config at synthetic photos (or their prepared copy) for a while.
+
+  Yields the fields that describe them, with the decode limit per core.
+  """
   width, height = (int(v) for v in _PHOTOS.value.split('x'))
   with tempfile.TemporaryDirectory() as tmp:
     photos = os.path.join(tmp, 'photos')
@@ -279,14 +312,64 @@ def _input_pipeline_on_photos(config, warmup, repeats, steps_per_repeat):
       config.dataset.name = f'folder:{read}'
     jpegs = _files_under(os.path.join(read, 'train'))
     limit, pixels = decode_limit(jpegs)
+    yield dict(photos=_PHOTOS.value, prepared=_PREPARED.value,
+               photo_bytes=round(mean_bytes),
+               read_bytes=round(float(np.mean([len(j) for j in jpegs]))),
+               read_pixels=round(pixels),
+               decode_limit_per_core=round(limit, 1))
+
+
+def _input_pipeline_on_photos(config, warmup, repeats, steps_per_repeat):
+  """time_input_pipeline on synthetic photos, or on their prepared copy."""
+  with _on_photos(config) as photos:
     result = time_input_pipeline(config, warmup, repeats, steps_per_repeat)
-  return dict(result, photos=_PHOTOS.value, prepared=_PREPARED.value,
-              photo_bytes=round(mean_bytes),
-              read_bytes=round(float(np.mean([len(j) for j in jpegs]))),
-              read_pixels=round(pixels),
-              decode_limit_per_core=round(limit, 1),
-              fraction_of_decode_limit=round(
-                  result['images_per_sec_per_core'] / limit, 3))
+  return dict(result, **photos, fraction_of_decode_limit=round(
+      result['images_per_sec_per_core'] / photos['decode_limit_per_core'], 3))
+
+
+def time_end_to_end(config, warmup: int, repeats: int,
+                    steps_per_repeat: int) -> dict[str, object]:
+  """Training as it runs: the real input pipeline feeding the real step.
+
+  The input pipeline and the step are also timed alone, in the same
+  process, so the result says which of the two bounds training and what
+  fraction of that bound training reaches. On a host without an accelerator
+  both share the cores, so training runs below either.
+  """
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  training = _Training(config)
+  alone = {
+      'input_pipeline': time_input_pipeline(config, warmup, repeats,
+                                            steps_per_repeat),
+      'train_step': time_train_step(config, warmup, repeats,
+                                    steps_per_repeat, training),
+  }
+  src = input_pipeline.source(config, config.dataset.train_split)
+  rates, _ = training.run(
+      parallel.device_batches(
+          input_pipeline.train_dataset(config, src).as_numpy_iterator(),
+          training.mesh, training.towers),
+      warmup, repeats, steps_per_repeat, 'end to end')
+  mesh = training.mesh
+  images_per_sec = statistics.median(rates)
+  bound = min(alone, key=lambda what: alone[what]['images_per_sec'])
+  return {
+      'what': 'end_to_end',
+      'images_per_sec': round(images_per_sec, 2),
+      'input_pipeline_images_per_sec': alone['input_pipeline'][
+          'images_per_sec'],
+      'train_step_images_per_sec': alone['train_step']['images_per_sec'],
+      'bound': bound,
+      'fraction_of_bound': round(
+          images_per_sec / alone[bound]['images_per_sec'], 3),
+      'devices': mesh.size,
+      'device_kind': jax.devices()[0].device_kind,
+      'dataset': config.dataset.name,
+      'batch_size': config.batch_size,
+      'image_size': config.image_size,
+      'dtype': config.dtype,
+      'repeats': [round(r, 2) for r in rates],
+  }
 
 
 def decode_limit(jpegs: list[bytes]) -> tuple[float, float]:
@@ -365,6 +448,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
+  if _WHAT.value in ('train_step', 'end_to_end', 'checkpoint'):
+    allocator.keep_freed_memory_for_cpu_steps()
   try:
     timings = (_WARMUP.value, _REPEATS.value, _STEPS.value)
     if _WHAT.value == 'train_step':
@@ -375,6 +460,13 @@ def main(argv):
       tf_runtime.start()
       result = time_prepare(config, _PHOTOS.value or '400x350',
                             _PHOTOS_COUNT.value, _THROUGH_TFDS.value)
+    elif _WHAT.value == 'end_to_end':
+      tf_runtime.start()
+      if _PHOTOS.value:
+        with _on_photos(config) as photos:
+          result = dict(time_end_to_end(config, *timings), **photos)
+      else:
+        result = time_end_to_end(config, *timings)
     elif _PHOTOS.value:
       tf_runtime.start()
       result = _input_pipeline_on_photos(config, *timings)

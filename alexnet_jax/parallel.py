@@ -18,6 +18,8 @@ are spread over. The model asks it for the activations of all towers
 same model code runs on one device or inside `jax.shard_map` on any mesh.
 """
 
+import collections
+from collections.abc import Iterator
 import dataclasses
 import math
 from typing import Any, Optional
@@ -232,3 +234,18 @@ def shard_batch(batch: dict[str, Any], mesh: jax.sharding.Mesh,
   sharding = NamedSharding(mesh, P(towers.batch_axes))
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items()}
+
+
+def device_batches(batches: Iterator[dict[str, Any]], mesh: jax.sharding.Mesh,
+                   towers: Towers, ahead: int = 2) -> Iterator[dict[str, Any]]:
+  """`batches` put on the mesh `ahead` batches before the step that takes them.
+
+  JAX dispatches a step and returns at once, so the copy of the batches
+  queued here runs while the device computes (flax's prefetch_to_device).
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(shard_batch(batch, mesh, towers))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  yield from queue

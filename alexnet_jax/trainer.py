@@ -202,8 +202,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   writer.mark_replayed(step)
   figures_of = _tensorboard_figures(config, eval_src, names)
 
-  batches = input_pipeline.train_dataset(
-      config, train_src, start_step=step).as_numpy_iterator()
+  batches = parallel.device_batches(input_pipeline.train_dataset(
+      config, train_src, start_step=step).as_numpy_iterator(), mesh, towers)
   pending, last_log_time, last_log_step = [], time.time(), step
   train_seconds, timed_steps, past_compilation = 0.0, 0, False
   metric_writer.report(
@@ -214,8 +214,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   with preemption.StopRequests(mngr) as stop_requests:
     while step < total_steps:
       trace.before(step)
-      state, metrics = train_step(
-          state, parallel.shard_batch(next(batches), mesh, towers))
+      state, metrics = train_step(state, next(batches))
       step += 1
       trace.after(step, state)
       pending.append(metrics)

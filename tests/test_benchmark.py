@@ -24,3 +24,14 @@ def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):
   params = jax.eval_shape(lambda: steps.create_train_state(tiny_config)).params
   assert result['megabytes'] > sum(
       x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 1e6
+
+
+def test_end_to_end_benchmark_names_the_slower_of_input_and_step(tiny_config):
+  result = benchmark.time_end_to_end(tiny_config, warmup=1, repeats=2,
+                                     steps_per_repeat=2)
+  alone = {'input_pipeline': result['input_pipeline_images_per_sec'],
+           'train_step': result['train_step_images_per_sec']}
+  assert min(alone.values()) > 0 and result['images_per_sec'] > 0
+  assert result['bound'] == min(alone, key=alone.get)
+  assert result['fraction_of_bound'] == pytest.approx(
+      result['images_per_sec'] / alone[result['bound']], abs=2e-3)

@@ -315,3 +315,27 @@ def test_evaluation_pads_a_batch_that_does_not_split_and_counts_each_once(
   assert one['examples'] == four['examples'] == 30
   for key in ('loss', 'top1_error', 'top5_error'):
     assert four[key] == pytest.approx(one[key], rel=1e-5)
+
+
+def test_device_batches_go_onto_the_mesh_two_ahead_in_order(tiny_config):
+  tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
+  mesh = parallel.make_mesh(tiny_config)
+  towers = steps.mesh_towers(tiny_config, mesh)
+  made = [_batch(tiny_config, seed) for seed in range(4)]
+  pulled = []
+
+  def source():
+    for batch in made:
+      pulled.append(batch)
+      yield batch
+
+  batches = parallel.device_batches(source(), mesh, towers)
+  first = next(batches)
+  assert len(pulled) == 3   # the next two are already on their way
+  out = [first, *batches]
+  assert len(out) == 4
+  for batch, expected in zip(out, made):
+    assert batch['image'].sharding.spec == jax.sharding.PartitionSpec(
+        towers.batch_axes)
+    for key, value in expected.items():
+      np.testing.assert_array_equal(jax.device_get(batch[key]), value)
