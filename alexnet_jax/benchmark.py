@@ -46,7 +46,6 @@ from ml_collections import config_flags
 import jax
 import numpy as np
 
-from alexnet_jax import allocator
 from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
@@ -448,8 +447,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
-  if _WHAT.value in ('train_step', 'end_to_end', 'checkpoint'):
-    allocator.keep_freed_memory_for_cpu_steps()
   try:
     timings = (_WARMUP.value, _REPEATS.value, _STEPS.value)
     if _WHAT.value == 'train_step':

@@ -25,7 +25,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from alexnet_jax import allocator
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 
@@ -156,8 +155,6 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
     logging.set_verbosity(logging.WARNING)
-  if _MODE.value in ('train', 'eval'):
-    allocator.keep_freed_memory_for_cpu_steps()
   from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
   from alexnet_jax import tf_runtime  # pylint: disable=g-import-not-at-top
