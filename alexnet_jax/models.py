@@ -100,6 +100,19 @@ def get_variant(name: str) -> Variant:
   return VARIANTS[name]
 
 
+def _power(base: jax.Array, exponent: float) -> jax.Array:
+  """base ** exponent, with every variant's -0.75 as rsqrt(b) * sqrt(rsqrt(b)).
+
+  XLA:CPU computes pow as exp and log; the square roots took 12 ms against
+  40 for the LRN forward on conv2's maps at batch 64 (timed alone), and
+  agree with pow to within a few units in the last place.
+  """
+  if exponent == -0.75:
+    root = jax.lax.rsqrt(base)
+    return root * jnp.sqrt(root)
+  return base ** exponent
+
+
 def local_response_norm(x: jax.Array, lrn: LRN) -> jax.Array:
   """LRN over the last (channel) axis of one tower's maps.
 
@@ -112,7 +125,7 @@ def local_response_norm(x: jax.Array, lrn: LRN) -> jax.Array:
   band = np.abs(channels[:, None] - channels[None, :]) <= lrn.n // 2
   squares = jnp.square(x.astype(jnp.float32))
   window_sum = squares @ jnp.asarray(band, jnp.float32)
-  scale = (lrn.k + lrn.alpha * window_sum) ** -lrn.beta
+  scale = _power(lrn.k + lrn.alpha * window_sum, -lrn.beta)
   return (x * scale).astype(x.dtype)
 
 
@@ -122,7 +135,7 @@ def same_map_norm(x: jax.Array, norm: SameMapNorm) -> jax.Array:
   window_sum = jax.lax.reduce_window(
       squares, 0.0, jax.lax.add, (1, norm.size, norm.size, 1), (1, 1, 1, 1),
       'SAME')
-  scale = (norm.k + norm.scale * window_sum) ** -norm.power
+  scale = _power(norm.k + norm.scale * window_sum, -norm.power)
   return (x * scale).astype(x.dtype)
 
 
