@@ -1,4 +1,4 @@
-"""Speed of the train step, the input pipeline, training as a whole, checkpoints.
+"""Speed of the train step, input pipeline, whole training and checkpoints.
 
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=train_step --config.batch_size=64 --config.mesh.data=1
@@ -67,8 +67,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median counts.
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps (batches) per timed repeat.',
                               lower_bound=1)
 _PHOTOS = flags.DEFINE_string(
-    'photos', '', 'input_pipeline, end_to_end: WIDTHxHEIGHT of synthetic photo-like '
-    'JPEGs to read instead of the config\'s dataset.')
+    'photos', '', 'input_pipeline, end_to_end: WIDTHxHEIGHT of synthetic '
+    'photo-like JPEGs to read instead of the config\'s dataset.')
 flags.register_validator(
     'photos', lambda value: not value or re.fullmatch(r'[1-9]\d*x[1-9]\d*',
                                                       value),
@@ -349,7 +349,6 @@ def time_end_to_end(config, warmup: int, repeats: int,
           input_pipeline.train_dataset(config, src).as_numpy_iterator(),
           training.mesh, training.towers),
       warmup, repeats, steps_per_repeat, 'end to end')
-  mesh = training.mesh
   images_per_sec = statistics.median(rates)
   bound = min(alone, key=lambda what: alone[what]['images_per_sec'])
   return {
@@ -361,7 +360,7 @@ def time_end_to_end(config, warmup: int, repeats: int,
       'bound': bound,
       'fraction_of_bound': round(
           images_per_sec / alone[bound]['images_per_sec'], 3),
-      'devices': mesh.size,
+      'devices': training.mesh.size,
       'device_kind': jax.devices()[0].device_kind,
       'dataset': config.dataset.name,
       'batch_size': config.batch_size,
