@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from command_line import metric_records
 from command_line import run_main
 from command_line import start_main
 from command_line import tiny_flags
@@ -278,3 +279,31 @@ def test_a_damaged_class_tar_stops_prepare_in_one_error_keeping_its_work(
     dataset_tools.prepare(config, str(tmp_path / 'copy'))
   assert len(os.listdir(tmp_path / 'copy' / 'train' /
                         fake_imagenet.CLASSES[0])) == 4
+
+
+def test_the_readme_s_imagenet_commands_prepare_train_and_evaluate(tmp_path):
+  """The README's three commands in order, on fake archives: prepare the
+  copy from the tars, train from the copy, evaluate it. Only the network's
+  size and the run's length are overridden."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  tars = fake_imagenet.write(str(tmp_path / 'tars'))
+  copy_dir, run = str(tmp_path / 'imagenet256'), str(tmp_path / 'alexnet')
+  config = ['--config=configs/ilsvrc2012.py',
+            f'--config.dataset.data_dir={tmp_path / "tfds"}']
+  prepared = run_main(*config, '--mode=prepare', f'--workdir={copy_dir}',
+                      f'--config.dataset.manual_dir={tars}')
+  assert 'error' not in prepared.stderr.lower(), prepared.stderr
+  with open(os.path.join(copy_dir, 'manifest.json')) as f:
+    assert len(json.load(f)['classes']) == 1000
+  small = ['--config.model.width=0.125', '--config.batch_size=4',
+           '--config.num_train_steps=2', '--config.eval.batch_size=4']
+  from_copy = [*config, f'--workdir={run}',
+               f'--config.dataset.name=folder:{copy_dir}', *small]
+  run_main(*from_copy)
+  trained = [r for r in metric_records(run) if r['split'] == 'eval'][-1]
+  assert trained['step'] == 2 and trained['examples'] == 6
+  run_main(*from_copy, '--mode=eval')
+  evaluated = metric_records(run)[-1]
+  assert evaluated['split'] == 'eval_1crop' and evaluated['examples'] == 6
+  assert evaluated['top1_error'] == trained['top1_error']
+  assert evaluated['loss'] == pytest.approx(trained['loss'], rel=1e-6)
