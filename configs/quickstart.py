@@ -1,9 +1,12 @@
 """The paper's two-tower network, narrowed, on the built-in dataset: minutes on a CPU.
 
-Two departures from the paper's recipe, both measured on this dataset: the
+Three departures from the paper's recipe, all measured on this dataset: the
 positive biases start at 0.1 (as in Caffe's bvlc_alexnet), because with 1 the
 quarter-width net's fc7 units all die within the first 30 steps and it stays
-at chance; and the learning rate is 0.005, which beat 0.0025, 0.01 and 0.02.
+at chance; the learning rate is 0.005, which beat 0.0025, 0.01 and 0.02; and
+there is no dropout. This net underfits the dataset (its training error
+stays at its held-out error), so dropout only slowed it: after 16 epochs at
+the same rate, top-1 error 0.34 without it against 0.60 with it.
 """
 
 from alexnet_jax import config as config_lib
@@ -15,14 +18,15 @@ def get_config():
   config.model.num_classes = 10
   config.model.width = 0.25
   config.model.positive_bias = 0.1
+  config.model.dropout_rate = 0.0
   config.image_size = 64
   config.resize_size = 73
   config.batch_size = 64
   config.eval.batch_size = 250
-  config.num_epochs = 50
+  config.num_epochs = 30
   config.learning_rate = 0.005
   config.lr_schedule = 'piecewise'
-  config.lr_boundaries_epochs = (40,)
+  config.lr_boundaries_epochs = (24,)
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   return config
