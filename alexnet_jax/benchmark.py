@@ -263,7 +263,8 @@ def time_input_pipeline(config, warmup: int, repeats: int,
   opened it already (listing a folder copy of ImageNet takes a while).
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  src = src or input_pipeline.source(config, config.dataset.train_split)
+  if src is None:
+    src = input_pipeline.source(config, config.dataset.train_split)
   batches = input_pipeline.train_dataset(config, src).as_numpy_iterator()
   for _ in range(warmup):
     next(batches)

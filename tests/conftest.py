@@ -2,6 +2,8 @@
 
 import os
 
+import command_line  # imports no JAX, so the settings below still apply
+
 # Before JAX starts: the mesh tests need several devices on one CPU.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -10,14 +12,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # same tiny steps, and a command with a warm cache took 12 s against 26.
 # The size limit makes JAX lock the folder (filelock) for concurrent jobs.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    '.pytest_cache', 'jax_compilation_cache'))
+    command_line.REPO, '.pytest_cache', 'jax_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 
 import pytest  # pylint: disable=g-import-not-at-top
-
-import command_line  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope='session')
