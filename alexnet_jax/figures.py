@@ -16,7 +16,6 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -27,6 +26,7 @@ from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import models
 from alexnet_jax import normalization
+from alexnet_jax import xla_cpu
 
 KERNEL_ZOOM = 4        # screen pixels per kernel pixel
 KERNEL_GAP = 2         # between kernels
@@ -190,7 +190,8 @@ def run(config, workdir: str, checkpoint: str, pool_size: int,
 
   # Figure 4, right: fc7 of the queries against a sample of training images.
   model, mean = models.build(config), normalization.mean(config)
-  features = jax.jit(lambda p, x: inference.fc7_features(model, p, x, mean))
+  features = xla_cpu.jit(
+      lambda p, x: inference.fc7_features(model, p, x, mean))
   train_src = input_pipeline.source(config, config.dataset.train_split)
   pool, pool_labels, pool_indices = [], [], []
   for batch in _examples(config, train_src, pool_size).as_numpy_iterator():

@@ -13,6 +13,7 @@ from alexnet_jax import models
 from alexnet_jax import normalization
 from alexnet_jax import parallel
 from alexnet_jax import steps
+from alexnet_jax import xla_cpu
 
 
 def restore_params(config, mesh, spec: str, allow_config_change: bool):
@@ -52,7 +53,7 @@ def load(mode: str, config, workdir: str, checkpoint: str,
 def probabilities_fn(config):
   """A compiled (params, uint8 images or crops) -> softmax, on one device."""
   model, mean = models.build(config), normalization.mean(config)
-  return jax.jit(lambda params, images: steps.mean_probabilities(
+  return xla_cpu.jit(lambda params, images: steps.mean_probabilities(
       model, (params,), images, mean))
 
 

@@ -20,6 +20,7 @@ from alexnet_jax import models
 from alexnet_jax import normalization
 from alexnet_jax import optimizer
 from alexnet_jax import parallel
+from alexnet_jax import xla_cpu
 
 
 @flax.struct.dataclass
@@ -190,8 +191,8 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
         config, state.step, state.plateau, steps_per_epoch)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0,
-                 out_shardings=(state_shardings(config, mesh), None))
+  return xla_cpu.jit(train_step, donate_argnums=0,
+                     out_shardings=(state_shardings(config, mesh), None))
 
 
 @jax.jit
@@ -253,5 +254,5 @@ def make_eval_step(config, mesh: jax.sharding.Mesh) -> Callable:
         batch[normalization.MASK].astype(jnp.float32)),
                              model.towers)
 
-  return jax.jit(lambda members, batch: _sharded(
+  return xla_cpu.jit(lambda members, batch: _sharded(
       mesh, model.towers, device_sums, members)(members, batch))
