@@ -5,7 +5,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 
 import numpy as np
 from PIL import Image
