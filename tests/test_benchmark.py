@@ -1,10 +1,16 @@
 """The benchmarks run on a tiny model and report what they measured."""
 
+import json
+import statistics
+import subprocess
+import sys
+
 import jax
 import pytest
 
 from alexnet_jax import benchmark
 from alexnet_jax import steps
+import command_line
 
 
 def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
@@ -35,3 +41,23 @@ def test_end_to_end_benchmark_names_the_slower_of_input_and_step(tiny_config):
   assert result['bound'] == min(alone, key=alone.get)
   assert result['fraction_of_bound'] == pytest.approx(
       result['images_per_sec'] / alone[result['bound']], abs=2e-3)
+
+
+def test_input_pipeline_on_photos_takes_each_repeat_against_the_limit_after_it(
+    tmp_path):
+  """The fraction pairs each repeat with the decode limit measured right
+  after it, since the limit alone moves a lot on a shared machine."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.benchmark',
+       '--config=configs/quickstart.py', '--what=input_pipeline',
+       '--photos=96x80', '--photos_count=40', '--config.batch_size=8',
+       '--repeats=3', '--steps=2', '--warmup=1'],
+      cwd=command_line.REPO, env=command_line.environment(),
+      capture_output=True, text=True, timeout=600, check=True)
+  measured = json.loads(result.stdout.splitlines()[-1])
+  assert len(measured['decode_limits']) == len(measured['repeats']) == 3
+  fractions = [rate / measured['cores'] / limit for rate, limit
+               in zip(measured['repeats'], measured['decode_limits'])]
+  assert measured['fraction_of_decode_limit'] == pytest.approx(
+      statistics.median(fractions), rel=2e-3)
+  assert measured['read_pixels'] == 96 * 80
