@@ -340,7 +340,7 @@ def _input_pipeline_on_photos(config, warmup, repeats, steps_per_repeat):
 
   The decode limit is measured again after every repeat, and each repeat's
   rate is taken against the limit measured right after it: on a shared
-  machine the limit alone moves by a quarter within minutes.
+  machine the limit alone moves by a fifth or more within minutes.
   """
   with _on_photos(config) as (photos, jpegs):
     limits = []

@@ -43,8 +43,7 @@ def test_end_to_end_benchmark_names_the_slower_of_input_and_step(tiny_config):
       result['images_per_sec'] / alone[result['bound']], abs=2e-3)
 
 
-def test_input_pipeline_on_photos_takes_each_repeat_against_the_limit_after_it(
-    tmp_path):
+def test_input_pipeline_on_photos_takes_each_repeat_against_its_limit():
   """The fraction pairs each repeat with the decode limit measured right
   after it, since the limit alone moves a lot on a shared machine."""
   result = subprocess.run(
