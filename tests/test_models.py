@@ -96,6 +96,33 @@ def test_pooling_and_padding_reach_the_paper_sizes():
   assert models.max_pool(jnp.zeros((1, 13, 13, 1))).shape == (1, 6, 6, 1)
 
 
+@pytest.mark.parametrize('size', [55, 56, 13])
+def test_max_pool_gradient_matches_reduce_window_without_ties(size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  weights = jax.random.normal(jax.random.key(1), models.max_pool(x).shape)
+  reference = lambda x: jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'VALID')
+  np.testing.assert_array_equal(models.max_pool(x), reference(x))
+  ours = jax.grad(lambda x: jnp.sum(models.max_pool(x) * weights))(x)
+  theirs = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_every_tied_maximum():
+  """cuda-convnet's max-undo: each input equal to its window's maximum
+  gets that window's whole gradient, so on a constant map an input gets the
+  sum over the windows that hold it."""
+  size, out = 7, 3
+  weights = np.arange(1, out * out + 1, dtype=np.float32).reshape(out, out)
+  expected = np.zeros((size, size), np.float32)
+  for i in range(out):
+    for j in range(out):
+      expected[2 * i:2 * i + 3, 2 * j:2 * j + 3] += weights[i, j]
+  grad = jax.grad(lambda x: jnp.sum(models.max_pool(x)[0, :, :, 0] * weights))(
+      jnp.ones((1, size, size, 1)))
+  np.testing.assert_array_equal(grad[0, :, :, 0], expected)
+
+
 def test_small_images_and_widths_work():
   model = _model(width=0.25, num_classes=10)
   params = models.init_params(model, jax.random.key(0), 64)
