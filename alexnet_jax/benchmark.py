@@ -28,12 +28,19 @@ The last line printed is one JSON object. The train step imports no
 TensorFlow: it runs on machines with only JAX.
 """
 
+# Run as a program, restart with huge pages before importing anything
+# large (huge_pages.py says why).
+if __name__ == '__main__':
+  from alexnet_jax import huge_pages
+  huge_pages.restart_with_huge_pages()
+
 import contextlib
 import io
 import itertools
 import json
 import os
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -111,8 +118,10 @@ class _Training:
     self.compile_s = None
 
   def run(self, batches: Iterator[Any], warmup: int, repeats: int,
-          steps_per_repeat: int, what: str) -> tuple[list[float], list[float]]:
-    """Images/sec and CPU seconds per step of each timed repeat."""
+          steps_per_repeat: int,
+          what: str) -> tuple[list[float], list[float], list[float]]:
+    """Images/sec, CPU seconds and page faults per step of each timed
+    repeat."""
     started = time.perf_counter()
     self.state, _ = self.step(self.state, next(batches))
     jax.block_until_ready(self.state)
@@ -121,9 +130,10 @@ class _Training:
     for _ in range(warmup):
       self.state, _ = self.step(self.state, next(batches))
     jax.block_until_ready(self.state)
-    rates, cpu_seconds = [], []
+    rates, cpu_seconds, faults = [], [], []
     for _ in range(repeats):
       started, cpu_started = time.perf_counter(), time.process_time()
+      faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       for _ in range(steps_per_repeat):
         self.state, metrics = self.step(self.state, next(batches))
       jax.block_until_ready((self.state, metrics))
@@ -131,9 +141,11 @@ class _Training:
                    / (time.perf_counter() - started))
       cpu_seconds.append((time.process_time() - cpu_started)
                          / steps_per_repeat)
+      faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                     - faults_before) / steps_per_repeat)
       print(f'{what}: {rates[-1]:.1f} images/sec, {cpu_seconds[-1]:.2f} CPU '
             f's/step', file=sys.stderr, flush=True)
-    return rates, cpu_seconds
+    return rates, cpu_seconds, faults
 
 
 def time_train_step(config, warmup: int, repeats: int, steps_per_repeat: int,
@@ -141,7 +153,7 @@ def time_train_step(config, warmup: int, repeats: int, steps_per_repeat: int,
   """Images/sec of the train step: the median over `repeats` timed runs."""
   training = training or _Training(config)
   mesh = training.mesh
-  rates, cpu_seconds = training.run(
+  rates, cpu_seconds, faults = training.run(
       itertools.repeat(random_batch(config, mesh)), warmup, repeats,
       steps_per_repeat, 'train step')
   compile_s = training.compile_s
@@ -161,6 +173,9 @@ def time_train_step(config, warmup: int, repeats: int, steps_per_repeat: int,
       # CPU seconds (all threads) per step: on a shared machine this moves
       # less than wall time when other jobs compete for the cores.
       'cpu_s_per_step': round(statistics.median(cpu_seconds), 3),
+      # Minor page faults per step: the kernel filling freshly mapped
+      # memory (huge_pages.py).
+      'page_faults_per_step': round(statistics.median(faults)),
       'compile_and_first_step_s': round(compile_s, 2),
       'repeats': [round(r, 2) for r in rates],
   }
@@ -374,11 +389,11 @@ def time_end_to_end(config, warmup: int, repeats: int,
       'train_step': time_train_step(config, warmup, repeats,
                                     steps_per_repeat, training),
   }
-  rates, _ = training.run(
+  rates = training.run(
       parallel.device_batches(
           input_pipeline.train_dataset(config, src).as_numpy_iterator(),
           training.mesh, training.towers),
-      warmup, repeats, steps_per_repeat, 'end to end')
+      warmup, repeats, steps_per_repeat, 'end to end')[0]
   images_per_sec = statistics.median(rates)
   bound = min(alone, key=lambda what: alone[what]['images_per_sec'])
   return {

@@ -17,6 +17,12 @@
 Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 """
 
+# Run as a program, restart with huge pages before importing anything
+# large (huge_pages.py says why).
+if __name__ == '__main__':
+  from alexnet_jax import huge_pages
+  huge_pages.restart_with_huge_pages()
+
 import errno
 import sys
 

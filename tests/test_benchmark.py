@@ -17,6 +17,7 @@ def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
   result = benchmark.time_train_step(tiny_config, warmup=1, repeats=2,
                                      steps_per_repeat=1)
   assert len(result['repeats']) == 2 and result['images_per_sec'] > 0
+  assert isinstance(result['page_faults_per_step'], int)
   # The reported rate is the median of the repeats (of two: their mean).
   assert result['images_per_sec'] == pytest.approx(
       sum(result['repeats']) / 2, abs=0.02)
