@@ -183,6 +183,21 @@ def test_compiled_hybrid_step_has_exactly_the_2014_traffic(tiny_config):
                                  'f32[512,256]', 'f32[1,5]', 'f32[512,5]')]
 
 
+@pytest.mark.parametrize('variant, hybrid', [('paper_2012', False),
+                                             ('one_tower_2014', True)])
+def test_one_device_compiles_no_traffic_but_scalars(tiny_config, variant,
+                                                    hybrid):
+  """XLA:CPU keeps a collective over one device as a copy (an all-reduce of
+  every gradient, in the paper's step), so a one-device mesh has none but
+  scalar ones."""
+  tiny_config.model.variant = variant
+  tiny_config.mesh.fc_model_parallel = hybrid
+  collectives = _collectives(_compiled_train_step(tiny_config, 1, 1))
+  assert all(re.fullmatch(r'\w+\[(1,)*1?\]', shape)
+             for _, shapes, _, _ in collectives for shape in shapes), (
+                 collectives)
+
+
 def test_hybrid_trains_to_the_parameters_of_one_device(tiny_config):
   """The 2014 hybrid on any mesh: the same as plain training on one device."""
   tiny_config.model.variant = 'one_tower_2014'
