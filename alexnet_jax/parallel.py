@@ -42,10 +42,12 @@ class Towers:
   count: towers in the network (2 for the 2012 split, 1 otherwise).
   tower_axis, tower_axis_size: the mesh axis the towers are spread over,
     inside `shard_map`; None when this device holds every tower.
-  data_axis: the mesh axis the batch is spread over, inside `shard_map`.
+  data_axis: the mesh axis the batch is spread over, inside `shard_map`;
+    None when it has one device.
   fc_axis, fc_axis_size: the 2014 hybrid's axis, inside `shard_map`: the
     convolutions' batch is split over it too, the fully connected layers'
-    output units are split over it instead. None: no hybrid.
+    output units are split over it instead. None: no hybrid, or a hybrid
+    axis of one device.
   """
   count: int = 1
   tower_axis: Optional[str] = None
