@@ -27,7 +27,8 @@ _MODES = '/sys/kernel/mm/transparent_hugepage/enabled'
 def _available() -> bool:
   """glibc new enough for the tunable, and huge pages not off in the kernel."""
   libc, version = platform.libc_ver()
-  if libc != 'glibc' or tuple(map(int, version.split('.')[:2])) < (2, 35):
+  if libc != 'glibc' or not version or tuple(
+      map(int, version.split('.')[:2])) < (2, 35):
     return False
   try:
     with open(_MODES) as f:

@@ -170,8 +170,9 @@ def _max_pool_backward(residuals, grad):
   Along each axis an even input 2k is offset 0 of window k and offset 2 of
   window k - 1, an odd input 2k + 1 offset 1 of window k. So the four
   parity classes of the input are sums of shifted window gradients, which
-  are then interleaved. Autodiff of the forward (one strided pad per view,
-  and its tie-splitting selects) took 2.7x as long with the LRN before it.
+  are then interleaved. Autodiff of the forward (a strided pad per view,
+  and selects that split ties) took 342 ms against 128 for ReLU, LRN and
+  pooling forward and backward on one tower's conv1 maps at batch 64.
   """
   x, pooled = residuals
   zero = jnp.zeros((), grad.dtype)
