@@ -292,11 +292,13 @@ def test_eval_of_a_missing_or_empty_workdir_fails_and_creates_nothing(
 
 def test_a_second_job_on_the_workdir_is_refused_and_a_dead_ones_lock_is_taken(
     tmp_path, flags):
+  # Killed long before it could finish or save anything (its steps take
+  # milliseconds, and the second job's start-up seconds).
   first = start_main(*flags, f'--workdir={tmp_path}',
-                     '--config.num_train_steps=400',
+                     '--config.num_train_steps=1000000',
                      '--config.log_every_steps=1',
-                     '--config.checkpoint_every_steps=1000',
-                     '--config.eval_every_steps=1000')  # saves nothing
+                     '--config.checkpoint_every_steps=1000000',
+                     '--config.eval_every_steps=1000000')
   try:
     _read_until(first, 'step 1/')
     second = run_main(*flags, f'--workdir={tmp_path}',
