@@ -107,12 +107,16 @@ def _shapes(collectives, kind, groups):
                 if k == kind and g == groups for shape in shapes)
 
 
+def _one_number(shape: str) -> bool:
+  """Whether an HLO shape such as 'f32[]' or 'f32[1,1]' holds one number."""
+  return re.fullmatch(r'\w+\[(1,)*1?\]', shape) is not None
+
+
 def _gradient_sums(collectives) -> dict[str, set[str]]:
   """The layers whose gradients each group of devices sums (all-reduce)."""
   layers = {}
   for kind, shapes, groups, name in collectives:
-    one_number = lambda shape: re.fullmatch(r'\w+\[(1,)*1?\]', shape)
-    if kind == 'all-reduce' and not all(map(one_number, shapes)):
+    if kind == 'all-reduce' and not all(map(_one_number, shapes)):
       layers.setdefault(groups, set()).update(
           re.findall(r'(?:^|[/(:])((?:conv|fc)\d)/', name))
   return layers
@@ -193,7 +197,7 @@ def test_one_device_compiles_no_traffic_but_scalars(tiny_config, variant,
   tiny_config.model.variant = variant
   tiny_config.mesh.fc_model_parallel = hybrid
   collectives = _collectives(_compiled_train_step(tiny_config, 1, 1))
-  assert all(re.fullmatch(r'\w+\[(1,)*1?\]', shape)
+  assert all(_one_number(shape)
              for _, shapes, _, _ in collectives for shape in shapes), (
                  collectives)
 
