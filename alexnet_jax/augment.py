@@ -3,9 +3,10 @@
 Every window (the random train crop, the evaluation square) is a window of
 the paper's 256x256 image: the shorter side resized to `resize_size`, then
 the centre square. Here each window is mapped back into the original image
-first, so a JPEG decodes only the pixels it needs and only the window is
-resized; for a copy already at resize_size (--mode=prepare) the mapping is
-the identity and nothing is resampled.
+first, so only the window is resized (decoding it costs about what decoding
+the whole JPEG does); for a copy already at resize_size (--mode=prepare) the
+mapping is the identity and nothing is resampled, and a 256x256 image kept
+decoded in memory (input_pipeline.decoded_in_memory) is simply sliced.
 
 Decoding goes by content, not file name: a PNG named .JPEG, grey and CMYK
 JPEGs all become RGB, and a truncated JPEG decodes what is there (the rest
@@ -75,7 +76,15 @@ def shorter_side_to(encoded: tf.Tensor, size: int) -> tf.Tensor:
 
 def decode_window(encoded: tf.Tensor, resize_size: int, top, left,
                   size: int) -> tf.Tensor:
-  """The (top, left, size) window of the 256x256 image as size x size RGB."""
+  """The (top, left, size) window of the 256x256 image as size x size RGB.
+
+  `encoded` is an image file's bytes, or the 256x256 image itself as uint8
+  (input_pipeline.decoded_in_memory), of which the window is a slice.
+  """
+  if encoded.dtype == tf.uint8:
+    window = encoded[top:top + size, left:left + size]
+    window.set_shape([size, size, 3])
+    return window
 
   def jpeg():
     window = _window_in_original(tf.io.extract_jpeg_shape(encoded),

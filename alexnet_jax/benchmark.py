@@ -283,7 +283,7 @@ def time_input_pipeline(config, warmup: int, repeats: int,
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   if src is None:
-    src = input_pipeline.source(config, config.dataset.train_split)
+    src = input_pipeline.training_source(config, config.dataset.train_split)
   images = steps_per_repeat * input_pipeline.process_batch_size(
       config.batch_size)
   rates, cpu_per_image = [], []
@@ -382,7 +382,7 @@ def time_end_to_end(config, warmup: int, repeats: int,
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   training = _Training(config)
-  src = input_pipeline.source(config, config.dataset.train_split)
+  src = input_pipeline.training_source(config, config.dataset.train_split)
   alone = {
       'input_pipeline': time_input_pipeline(config, warmup, repeats,
                                             steps_per_repeat, src),

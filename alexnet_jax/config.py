@@ -63,6 +63,9 @@ def default() -> ml_collections.ConfigDict:
   c.dataset.stats_file = ml_collections.FieldReference(None, field_type=str)
   c.dataset.stats_examples = 50000  # --mode=stats: images sampled (0: all)
   c.dataset.shuffle_buffer = 16384
+  # Decode each image once to its 256x256 (resize_size) square and keep them
+  # all in memory: for datasets that fit (input_pipeline.decoded_in_memory).
+  c.dataset.decoded_in_memory = False
   c.dataset.builtin_train_per_class = 600
   c.dataset.builtin_eval_per_class = 100
 

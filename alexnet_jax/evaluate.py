@@ -49,7 +49,7 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   params, member_steps = zip(*[inference.restore_params(config, mesh, spec,
                                                  allow_config_change)
                         for spec in specs])
-  src = input_pipeline.source(config, config.dataset.eval_split)
+  src = input_pipeline.training_source(config, config.dataset.eval_split)
   metrics = evaluate_params(config, mesh, steps.make_eval_step(config, mesh),
                             params, src)
   step = member_steps[0]

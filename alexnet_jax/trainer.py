@@ -168,8 +168,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   config.MAY_CHANGE_ON_RESUME, unless allow_config_change. profile_steps:
   (start, end) to trace the steps after start up to end.
   """
-  train_src = input_pipeline.source(config, config.dataset.train_split)
-  eval_src = input_pipeline.source(config, config.dataset.eval_split)
+  train_src = input_pipeline.training_source(config,
+                                              config.dataset.train_split)
+  eval_src = input_pipeline.training_source(config,
+                                             config.dataset.eval_split)
   names = input_pipeline.output_names(config, train_src.class_names)
   steps_per_epoch = input_pipeline.steps_per_epoch(config,
                                                    train_src.num_examples)

@@ -7,6 +7,10 @@ at chance; the learning rate is 0.005, which beat 0.0025, 0.01 and 0.02; and
 there is no dropout. This net underfits the dataset (its training error
 stays at its held-out error), so dropout only slowed it: after 16 epochs at
 the same rate, top-1 error 0.34 without it against 0.60 with it.
+
+Its 7,000 images are decoded once and kept in memory at 73x73 (112 MB), so
+the host's cores go to the train step rather than to decoding the same
+small JPEGs every epoch.
 """
 
 from alexnet_jax import config as config_lib
@@ -15,6 +19,7 @@ from alexnet_jax import config as config_lib
 def get_config():
   config = config_lib.default()
   config.dataset.name = 'builtin'
+  config.dataset.decoded_in_memory = True
   config.model.num_classes = 10
   config.model.width = 0.25
   config.model.positive_bias = 0.1

@@ -11,6 +11,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from alexnet_jax import augment
 from alexnet_jax import builtin_data
 from alexnet_jax import input_pipeline
 from alexnet_jax import screening
@@ -109,12 +110,14 @@ def _batches(config, src, start_step, count):
   return [b for _, b in zip(range(count), stream.as_numpy_iterator())]
 
 
-@pytest.mark.parametrize('random_access', [True, False])
-def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config,
-                                                          random_access):
+@pytest.mark.parametrize('read', ['random access', 'in order', 'in memory'])
+def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config, read):
   src = input_pipeline.source(tiny_config, 'train')
-  if not random_access:   # as a TFDS source reads: in order, no lookup
+  if read == 'in order':   # as a TFDS source reads: no lookup
     src = dataclasses.replace(src, lookup=None)
+  if read == 'in memory':
+    tiny_config.dataset.decoded_in_memory = True
+    src = input_pipeline.decoded_in_memory(tiny_config, src)
   # 80 examples, 16 a batch: an epoch is 5 batches; resume inside epoch 0
   # and run on into epoch 1.
   whole = _batches(tiny_config, src, 0, 8)
@@ -130,6 +133,52 @@ def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config,
       epoch, np.concatenate([b['label'] for b in whole[5:]] +
                             [_batches(tiny_config, src, 8, 2)[0]['label'],
                              _batches(tiny_config, src, 9, 1)[0]['label']]))
+
+
+def _squares(config, examples):
+  """(256x256 images, labels) of (file bytes, label) examples."""
+  side = config.resize_size
+  pairs = list(examples.map(lambda data, label: (augment.decode_window(
+      data, side, 0, 0, side), label)).as_numpy_iterator())
+  return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize('random_access', [True, False])
+def test_images_kept_decoded_in_memory_are_their_files_256_images(
+    tiny_config, random_access):
+  src = input_pipeline.source(tiny_config, 'validation')
+  if not random_access:
+    src = dataclasses.replace(src, lookup=None)
+  assert input_pipeline.decoded_in_memory(tiny_config, src) is src  # off
+  tiny_config.dataset.decoded_in_memory = True
+  kept = input_pipeline.decoded_in_memory(tiny_config, src)
+  want_images, want_labels = _squares(tiny_config, src.examples)
+  assert want_images.shape == (30, 73, 73, 3)
+  images, labels = (np.stack(a) for a in zip(*kept.examples))
+  np.testing.assert_array_equal(images, want_images)
+  np.testing.assert_array_equal(labels, want_labels)
+  if random_access:
+    for index in (0, 17, 29):
+      image, label = kept.lookup(tf.constant(index, tf.int64))
+      np.testing.assert_array_equal(image, want_images[index])
+      assert label == want_labels[index]
+  batches = list(input_pipeline.eval_batches(tiny_config, kept, 7))
+  assert sum(b['mask'].sum() for b in batches) == 30
+
+
+def test_keeping_images_decoded_refuses_a_quarter_of_memory_or_more(
+    tiny_config, monkeypatch):
+  tiny_config.dataset.decoded_in_memory = True
+  src = input_pipeline.source(tiny_config, 'train')  # 80 of 73x73x3 bytes
+  monkeypatch.setattr(input_pipeline, '_physical_memory',
+                      lambda: 4 * 80 * 73 * 73 * 3 - 4)
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r'keep 80 images of 73x73 .* more than a quarter '
+                           r'.*--config.dataset.decoded_in_memory=False'):
+    input_pipeline.decoded_in_memory(tiny_config, src)
+  monkeypatch.setattr(input_pipeline, '_physical_memory',
+                      lambda: 4 * 80 * 73 * 73 * 3)
+  assert input_pipeline.decoded_in_memory(tiny_config, src).num_examples == 80
 
 
 def _encode(array, fmt='JPEG', mode=None):
