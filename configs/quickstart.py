@@ -1,12 +1,15 @@
 """The paper's two-tower network, narrowed, on the built-in dataset: minutes on a CPU.
 
-Three departures from the paper's recipe, all measured on this dataset: the
+Four departures from the paper's recipe, all measured on this dataset: the
 positive biases start at 0.1 (as in Caffe's bvlc_alexnet), because with 1 the
 quarter-width net's fc7 units all die within the first 30 steps and it stays
-at chance; the learning rate is 0.005, which beat 0.0025, 0.01 and 0.02; and
-there is no dropout. This net underfits the dataset (its training error
-stays at its held-out error), so dropout only slowed it: after 16 epochs at
-the same rate, top-1 error 0.34 without it against 0.60 with it.
+at chance; the learning rate is 0.005, which beat 0.0025, 0.007, 0.01 and
+0.02; there is no dropout; and the weight decay is 0.0001. This net underfits
+the dataset (its training error stays at its held-out error), so dropout only
+slowed it (after 16 epochs at the same rate, top-1 error 0.34 without it
+against 0.60 with it), and the paper's weight decay of 0.0005 held it back a
+little (top-1 error after 30 epochs, dividing the rate at epoch 26 or 24:
+0.117 and 0.128 with it, 0.103 and 0.111 with 0.0001, 0.107 with none).
 
 Its 7,000 images are decoded once and kept in memory at 73x73 (112 MB), so
 the host's cores go to the train step rather than to decoding the same
@@ -30,8 +33,9 @@ def get_config():
   config.eval.batch_size = 250
   config.num_epochs = 30
   config.learning_rate = 0.005
+  config.weight_decay = 1e-4
   config.lr_schedule = 'piecewise'
-  config.lr_boundaries_epochs = (24,)
+  config.lr_boundaries_epochs = (26,)
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   return config

@@ -164,6 +164,10 @@ def test_images_kept_decoded_in_memory_are_their_files_256_images(
       assert label == want_labels[index]
   batches = list(input_pipeline.eval_batches(tiny_config, kept, 7))
   assert sum(b['mask'].sum() for b in batches) == 30
+  # A process whose share of an in-order source is empty keeps nothing.
+  empty = dataclasses.replace(src, examples=src.examples.take(0),
+                              num_local=0, lookup=None)
+  assert input_pipeline.decoded_in_memory(tiny_config, empty) is empty
 
 
 def test_keeping_images_decoded_refuses_a_quarter_of_memory_or_more(
