@@ -150,15 +150,14 @@ def eval_crops(image: tf.Tensor, size: int, crops: int) -> tf.Tensor:
 
 
 def eval_example(config, encoded, label) -> dict[str, tf.Tensor]:
-  """The 256x256 image's centre crop or 10 crops."""
-  if config.eval.crops == 1:
-    size = config.image_size
-    offset = (config.resize_size - size) // 2
-    image = decode_window(encoded, config.resize_size, offset, offset, size)
-  else:
-    square = decode_window(encoded, config.resize_size, 0, 0,
-                           config.resize_size)
-    image = eval_crops(square, config.image_size, config.eval.crops)
-  return {normalization.IMAGE: image,
-          normalization.LABEL: tf.cast(label, tf.int32)}
+  """The 256x256 image's centre crop or 10 crops.
 
+  Both are cut from the whole 256x256 image, so an image file and the same
+  image kept decoded in memory give the same crops, and predict gives what
+  evaluation gave.
+  """
+  square = decode_window(encoded, config.resize_size, 0, 0,
+                         config.resize_size)
+  return {normalization.IMAGE: eval_crops(square, config.image_size,
+                                          config.eval.crops),
+          normalization.LABEL: tf.cast(label, tf.int32)}

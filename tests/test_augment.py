@@ -115,7 +115,8 @@ def test_eval_examples_are_the_centre_windows_of_the_256_image():
 
 def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
   """input_pipeline.decoded_in_memory hands augment the 256x256 image as
-  uint8 instead of a file: the same seeds must cut the same crops."""
+  uint8 instead of a file: the same seeds must cut the same crops, and
+  evaluation the same crops from any file."""
   config = _config(resize_size=40, image_size=8)
   square = np.random.default_rng(2).integers(0, 256, (40, 40, 3), np.uint8)
   encoded, decoded = tf.constant(_png(square)), tf.constant(square)
@@ -125,8 +126,11 @@ def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
     from_memory = augment.train_example(config, decoded, 3, seed)
     for key in from_file:
       np.testing.assert_array_equal(from_file[key], from_memory[key])
+  larger = tf.constant(_png(np.random.default_rng(3).integers(
+      0, 256, (70, 53, 3), np.uint8)))   # resampled to 40x40 first
+  kept = augment.decode_window(larger, 40, 0, 0, 40)
   for crops in (1, 10):
     config.eval.crops = crops
     np.testing.assert_array_equal(
-        augment.eval_example(config, encoded, 3)['image'],
-        augment.eval_example(config, decoded, 3)['image'])
+        augment.eval_example(config, larger, 3)['image'],
+        augment.eval_example(config, kept, 3)['image'])

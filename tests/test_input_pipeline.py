@@ -115,8 +115,7 @@ def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config, read):
   src = input_pipeline.source(tiny_config, 'train')
   if read == 'in order':   # as a TFDS source reads: no lookup
     src = dataclasses.replace(src, lookup=None)
-  if read == 'in memory':
-    tiny_config.dataset.decoded_in_memory = True
+  if read == 'in memory':   # as the quickstart reads
     src = input_pipeline.decoded_in_memory(tiny_config, src)
   # 80 examples, 16 a batch: an epoch is 5 batches; resume inside epoch 0
   # and run on into epoch 1.
@@ -149,8 +148,9 @@ def test_images_kept_decoded_in_memory_are_their_files_256_images(
   src = input_pipeline.source(tiny_config, 'validation')
   if not random_access:
     src = dataclasses.replace(src, lookup=None)
-  assert input_pipeline.decoded_in_memory(tiny_config, src) is src  # off
-  tiny_config.dataset.decoded_in_memory = True
+  tiny_config.dataset.decoded_in_memory = False
+  assert input_pipeline.decoded_in_memory(tiny_config, src) is src
+  tiny_config.dataset.decoded_in_memory = True   # as the quickstart has it
   kept = input_pipeline.decoded_in_memory(tiny_config, src)
   want_images, want_labels = _squares(tiny_config, src.examples)
   assert want_images.shape == (30, 73, 73, 3)
@@ -172,7 +172,6 @@ def test_images_kept_decoded_in_memory_are_their_files_256_images(
 
 def test_keeping_images_decoded_refuses_a_quarter_of_memory_or_more(
     tiny_config, monkeypatch):
-  tiny_config.dataset.decoded_in_memory = True
   src = input_pipeline.source(tiny_config, 'train')  # 80 of 73x73x3 bytes
   monkeypatch.setattr(input_pipeline, '_physical_memory',
                       lambda: 4 * 80 * 73 * 73 * 3 - 4)
