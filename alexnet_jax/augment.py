@@ -1,12 +1,13 @@
 """The paper's image preprocessing, as TensorFlow ops on one encoded image.
 
-Every window (the random train crop, the evaluation square) is a window of
-the paper's 256x256 image: the shorter side resized to `resize_size`, then
-the centre square. Here each window is mapped back into the original image
-first, so only the window is resized (decoding it costs about what decoding
-the whole JPEG does); for a copy already at resize_size (--mode=prepare) the
-mapping is the identity and nothing is resampled, and a 256x256 image kept
-decoded in memory (input_pipeline.decoded_in_memory) is simply sliced.
+Every crop is a window of the paper's 256x256 image: the shorter side
+resized to `resize_size`, then the centre square. A random train crop is
+mapped back into the original image first, so only the window is resized
+(decoding it costs about what decoding the whole JPEG does); evaluation
+resizes the whole 256x256 image and cuts its crops from it. For a copy
+already at resize_size (--mode=prepare) the mapping is the identity and
+nothing is resampled, and a 256x256 image kept decoded in memory
+(input_pipeline.decoded_in_memory) is simply sliced.
 
 Decoding goes by content, not file name: a PNG named .JPEG, grey and CMYK
 JPEGs all become RGB, and a truncated JPEG decodes what is there (the rest
