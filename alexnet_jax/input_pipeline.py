@@ -2,10 +2,11 @@
 
 Every source yields (encoded image bytes, label), so the built-in dataset, a
 folder of class folders and TFDS datasets share one decoding and
-augmentation path (augment.py). Train batches carry uint8 pixels and the PCA
-lighting shift drawn for each image; the device subtracts the mean and adds
-the shift (normalization.py), which keeps host-to-device traffic at a
-byte a pixel.
+augmentation path (augment.py); a dataset small enough may instead be kept
+decoded in memory (decoded_in_memory). Train batches carry uint8 pixels and
+the PCA lighting shift drawn for each image; the device subtracts the mean
+and adds the shift (normalization.py), which keeps host-to-device traffic at
+a byte a pixel.
 
 The train stream is a pure function of (seed, process, position): position p
 of this process's stream is example p % n of epoch p // n, in an order drawn
