@@ -256,7 +256,7 @@ def test_grouped_convolutions_compute_the_same_network():
   def loss_and_grads(model):
     loss = lambda p: jnp.sum(jax.nn.log_softmax(model.apply(
         {'params': p}, x, train=True, dropout_rng=jax.random.key(2)))[:, 0])
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
   (loss, grads), (grouped_loss, grouped_grads) = map(
       loss_and_grads, (separate, grouped))
