@@ -111,6 +111,11 @@ def decode_window(encoded: tf.Tensor, resize_size: int, top, left,
   return image
 
 
+def paper_image(encoded: tf.Tensor, resize_size: int) -> tf.Tensor:
+  """The paper's 256x256 image itself (side resize_size) as uint8 RGB."""
+  return decode_window(encoded, resize_size, 0, 0, resize_size)
+
+
 def pca_lighting(seed: tf.Tensor, eigvals, eigvecs, std: float) -> tf.Tensor:
   """The colour shift V (alpha * s), alpha ~ N(0, std), one per image."""
   alpha = tf.random.stateless_normal([3], seed, stddev=std)
@@ -157,8 +162,7 @@ def eval_example(config, encoded, label) -> dict[str, tf.Tensor]:
   image kept decoded in memory give the same crops, and predict gives what
   evaluation gave.
   """
-  square = decode_window(encoded, config.resize_size, 0, 0,
-                         config.resize_size)
+  square = paper_image(encoded, config.resize_size)
   return {normalization.IMAGE: eval_crops(square, config.image_size,
                                           config.eval.crops),
           normalization.LABEL: tf.cast(label, tf.int32)}

@@ -210,8 +210,7 @@ def prepare(config, out_dir: str) -> None:
 
 def _image_sums(encoded, label, resize_size):
   del label
-  image = tf.cast(augment.decode_window(encoded, resize_size, 0, 0,
-                                        resize_size), tf.float64)
+  image = tf.cast(augment.paper_image(encoded, resize_size), tf.float64)
   pixels = tf.reshape(image, (-1, 3))
   return image, tf.einsum('pi,pj->ij', pixels, pixels)
 

@@ -305,8 +305,7 @@ def decoded_in_memory(config, src: Source) -> Source:
   encoded = (tf.data.Dataset.range(count).map(src.lookup)
              if src.lookup is not None else src.examples)
   decoded = encoded.map(
-      lambda data, label: (augment.decode_window(data, side, 0, 0, side),
-                           label),
+      lambda data, label: (augment.paper_image(data, side), label),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
   parts = list(decoded.as_numpy_iterator())
   images = tf.constant(np.concatenate([p[0] for p in parts]))

@@ -28,7 +28,7 @@ def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
     data = tf.io.read_file(path)
     # Decode all that training can use: the centre square. Raises (and the
     # file is left out) if it cannot be decoded.
-    decoded = augment.decode_window(data, 256, 0, 0, 256)
+    decoded = augment.paper_image(data, 256)
     with tf.control_dependencies([decoded]):  # unused, so kept explicitly
       index = tf.identity(index)
     is_jpeg = tf.io.is_jpeg(data)
@@ -60,7 +60,7 @@ def _unreadable(path: str) -> Optional[str]:
 def _decode_failure(path: str) -> str:
   """Why a readable file failed to decode, in TensorFlow's words."""
   try:
-    augment.decode_window(tf.io.read_file(path), 256, 0, 0, 256)
+    augment.paper_image(tf.io.read_file(path), 256)
   except tf.errors.OpError as e:
     message = e.message.splitlines()[0] if e.message else type(e).__name__
     # TensorFlow wraps the reason in the names of its graph and op.

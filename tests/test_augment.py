@@ -128,7 +128,7 @@ def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
       np.testing.assert_array_equal(from_file[key], from_memory[key])
   larger = tf.constant(_png(np.random.default_rng(3).integers(
       0, 256, (70, 53, 3), np.uint8)))   # resampled to 40x40 first
-  kept = augment.decode_window(larger, 40, 0, 0, 40)
+  kept = augment.paper_image(larger, 40)
   for crops in (1, 10):
     config.eval.crops = crops
     np.testing.assert_array_equal(

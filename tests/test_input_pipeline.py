@@ -136,9 +136,8 @@ def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config, read):
 
 def _squares(config, examples):
   """(256x256 images, labels) of (file bytes, label) examples."""
-  side = config.resize_size
-  pairs = list(examples.map(lambda data, label: (augment.decode_window(
-      data, side, 0, 0, side), label)).as_numpy_iterator())
+  pairs = list(examples.map(lambda data, label: (augment.paper_image(
+      data, config.resize_size), label)).as_numpy_iterator())
   return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 
