@@ -132,7 +132,8 @@ def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
   if figures_of is not None:
     writer.write_images(step, 'eval', figures_of(state.params))
   metric_writer.report(
-      f'step {step} eval: top1_error {metrics["top1_error"]:.4f}, '
+      f'step {step} eval_{config.eval.crops}crop: top1_error '
+      f'{metrics["top1_error"]:.4f}, '
       f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}')
   return metrics
 

@@ -8,8 +8,15 @@ at chance; the learning rate is 0.005, which beat 0.0025, 0.007, 0.01 and
 the dataset (its training error stays at its held-out error), so dropout only
 slowed it (after 16 epochs at the same rate, top-1 error 0.34 without it
 against 0.60 with it), and the paper's weight decay of 0.0005 held it back a
-little (top-1 error after 30 epochs, dividing the rate at epoch 26 or 24:
-0.117 and 0.128 with it, 0.103 and 0.111 with 0.0001, 0.107 with none).
+little (top-1 error on the centre crop after 30 epochs, dividing the rate at
+epoch 26 or 24: 0.117 and 0.128 with it, 0.103 and 0.111 with 0.0001, 0.107
+with none). Batches of 32 or 128 did worse at the same time or epochs.
+
+It evaluates as the paper reports its results, on 10 crops (the corners,
+the centre and their mirrors) with their softmax averaged; after the same 30
+epochs, top-1 error 0.057 on them against 0.113 on the centre crop alone
+(--mode=eval --config.eval.crops=1). The 10 crops cost little: the whole
+run took 209 s with them and 196 s without (one run each).
 
 Its 7,000 images are decoded once and kept in memory at 73x73 (112 MB), so
 the host's cores go to the train step rather than to decoding the same
@@ -31,6 +38,7 @@ def get_config():
   config.resize_size = 73
   config.batch_size = 64
   config.eval.batch_size = 250
+  config.eval.crops = 10
   config.num_epochs = 30
   config.learning_rate = 0.005
   config.weight_decay = 1e-4
