@@ -208,8 +208,7 @@ def prepare(config, out_dir: str) -> None:
       f'train from the copy with --config.dataset.name=folder:{out_dir}')
 
 
-def _image_sums(encoded, label, resize_size):
-  del label
+def _image_sums(encoded, resize_size):
   image = tf.cast(augment.paper_image(encoded, resize_size), tf.float64)
   pixels = tf.reshape(image, (-1, 3))
   return image, tf.einsum('pi,pj->ij', pixels, pixels)
@@ -222,16 +221,16 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   paper's resize_size square. Each process sums its part of the sample.
   """
   src = input_pipeline.source(config, config.dataset.train_split)
+  sums = lambda encoded, *_: _image_sums(encoded, config.resize_size)
   if config.dataset.stats_examples <= 0:
-    ds = src.examples
+    ds = src.examples.map(sums, num_parallel_calls=tf.data.AUTOTUNE)
   else:
     # This process's part of the stream's first stats_examples positions.
     local = -(-min(config.dataset.stats_examples, src.num_examples)
               // jax.process_count())
-    ds = input_pipeline.positioned_examples(config, src, 0, local).take(
-        local).map(lambda encoded, label, position: (encoded, label))
-  ds = ds.map(lambda *ex: _image_sums(*ex, config.resize_size),
-              num_parallel_calls=tf.data.AUTOTUNE).batch(64)
+    ds = input_pipeline.positioned_examples(config, src, 0, local,
+                                            sums).take(local)
+  ds = ds.batch(64)
   size = config.resize_size
   image_sum, outer_sum, count = np.zeros((size, size, 3)), np.zeros((3, 3)), 0
   shown = progress.Progress(config, 'statistics', src.num_examples if (

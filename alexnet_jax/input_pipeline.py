@@ -8,12 +8,13 @@ the PCA lighting shift drawn for each image; the device subtracts the mean
 and adds the shift (normalization.py), which keeps host-to-device traffic at
 a byte a pixel.
 
-The train stream is a pure function of (seed, process, position): position p
-of this process's stream is example p % n of epoch p // n, in an order drawn
-from the seed and the epoch, augmented with randomness drawn from the seed
-and p. A run that resumes at step s starts the stream at s * local batch and
-sees exactly the examples and crops it would have seen, with nothing to
-store but the step.
+The train stream is a pure function of the seed, the batch size and the
+position: position p is example p % n of epoch p // n, in an order drawn from
+the seed and the epoch, augmented with randomness drawn (a global batch at a
+time) from the seed, p's global batch and its place in it. Each process
+reads its part of every global batch. A run that resumes at step s starts the
+stream at global batch s and sees exactly the examples and crops it would
+have seen, with nothing to store but the step.
 """
 
 import dataclasses
@@ -38,6 +39,8 @@ from alexnet_jax import screening
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _ENDLESS = 2**62
+POSITION = 'position'   # an example's place in the job's train stream
+_INDEX = 'index'        # the example a position reads, with random access
 
 
 class DatasetError(errors.UserError):
@@ -391,65 +394,83 @@ def process_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
-def _stream_position(local_index: tf.Tensor, local_batch: int) -> tf.Tensor:
-  """Where this process's local_index-th example is in the job's stream.
+def _epoch_order(config, num_examples: int, positions: tf.Tensor) -> tf.Tensor:
+  """The example at each stream position: position mod n of epoch position
+  div n, in an order drawn from the seed and the epoch."""
+  # The op's seeds are triples (augmentation's are pairs): zero fills them.
+  seeds = tf.stack([tf.fill(tf.shape(positions), tf.constant(config.seed,
+                                                             tf.int64)),
+                    tf.zeros_like(positions), positions // num_examples], 1)
+  return tf.raw_ops.RandomIndexShuffle(
+      index=positions % num_examples, seed=seeds,
+      max_index=tf.constant(num_examples - 1, tf.int64))
 
-  Each global batch is split among the processes in order, as
-  `parallel.shard_batch` puts it together again.
+
+def positioned_examples(
+    config, src: Source, start_step: int, local_batch: int,
+    per_example: Callable[..., object],
+    per_batch: Optional[Callable[[tf.Tensor], dict[str, tf.Tensor]]] = None,
+) -> tf.data.Dataset:
+  """per_example(bytes, label, info) of this process's examples in order,
+  from its local batch start_step on, in one parallel map.
+
+  info is a dict of one example's tensors: its POSITION in the job's stream,
+  and its row of what per_batch(step) returns for the local batch (so work
+  that can be done a batch at a time is). Global batch s is split among the
+  processes in order, as `parallel.shard_batch` puts it together again. With
+  random access, position p is example p mod n of epoch p div n in that
+  epoch's order, so the stream is the same for any number of processes.
   """
-  step, within = local_index // local_batch, local_index % local_batch
-  return ((step * jax.process_count() + jax.process_index()) * local_batch
-          + within)
+  def batch_info(step):
+    first = (step * jax.process_count() + jax.process_index()) * local_batch
+    positions = first + tf.range(local_batch, dtype=tf.int64)
+    info = dict(per_batch(step)) if per_batch else {}
+    info[POSITION] = positions
+    if src.lookup is not None:
+      info[_INDEX] = _epoch_order(config, src.num_examples, positions)
+    return info
 
-
-def positioned_examples(config, src: Source, start: int,
-                        local_batch: int) -> tf.data.Dataset:
-  """(bytes, label, position) of this process's examples, from its start-th.
-
-  position is the example's place in the job's stream. With random access,
-  position p is example p mod n of epoch p div n in that epoch's order, so
-  the stream is the same for any number of processes.
-  """
-  positions = tf.data.Dataset.range(start, _ENDLESS).map(
-      lambda i: _stream_position(i, local_batch))
+  infos = tf.data.Dataset.range(start_step, _ENDLESS).map(batch_info).unbatch()
   if src.lookup is not None:
-    n = src.num_examples
-    def example(position):
-      # Seeds are pairs (augmentation) or triples (this op): zeros fill them.
-      epoch_seed = tf.stack([tf.constant(config.seed, tf.int64),
-                             tf.constant(0, tf.int64), position // n])
-      index = tf.raw_ops.RandomIndexShuffle(
-          index=position % n, seed=epoch_seed,
-          max_index=tf.constant(n - 1, tf.int64))
-      return (*src.lookup(index), position)
-    return positions.map(example, num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=True)
+    def example(info):
+      info = dict(info)
+      return per_example(*src.lookup(info.pop(_INDEX)), info)
+    return infos.map(example, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=True)
   # A sequential source: this process's share through a shuffle buffer drawn
   # anew each epoch. Resuming re-reads (without decoding) the part of the
   # epoch already seen.
   n, seed = src.num_local, config.seed
-  first_epoch, seen = divmod(start, n)
+  first_epoch, seen = divmod(start_step * local_batch, n)
   buffer = min(config.dataset.shuffle_buffer, n)
   epochs = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(
       lambda epoch: src.examples.shuffle(buffer, seed=seed * 1_000_003 + epoch))
-  return tf.data.Dataset.zip((epochs.skip(seen), positions)).map(
-      lambda example, position: (*example, position))
+  return tf.data.Dataset.zip((epochs.skip(seen), infos)).map(
+      lambda example, info: per_example(*example, info),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def train_dataset(config, src: Source, start_step: int = 0) -> tf.data.Dataset:
   """Endless augmented batches for this process, from train step start_step.
 
-  An example's crop, flip and lighting are drawn from the seed and its
-  stream position.
+  Each global batch's crops, flips and lighting are drawn at once from the
+  seed and the step (augment.train_draws), and each process takes its rows.
   """
   local_batch = process_batch_size(config.batch_size)
   seed = tf.constant([config.seed, 0], tf.int64)
-  ds = positioned_examples(config, src, start_step * local_batch, local_batch)
-  ds = ds.map(
-      lambda encoded, label, position: augment.train_example(
-          config, encoded, label,
-          tf.random.experimental.stateless_fold_in(seed, position)),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def this_process_draws(step):
+    draws = augment.train_draws(
+        config, tf.random.experimental.stateless_fold_in(seed, step),
+        config.batch_size)
+    first = jax.process_index() * local_batch
+    return {k: v[first:first + local_batch] for k, v in draws.items()}
+
+  ds = positioned_examples(
+      config, src, start_step, local_batch,
+      lambda encoded, label, info: augment.train_example(config, encoded,
+                                                         label, info),
+      this_process_draws)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -30,11 +30,10 @@ def test_random_crops_reach_all_33x33_offsets_and_flip_half_the_time():
   y, x = np.mgrid[0:40, 0:40]
   encoded = tf.constant(_png(np.stack([x, y, 0 * x], -1).astype(np.uint8)))
   draws = 20_000
-  seeds = tf.data.Dataset.range(draws).map(
-      lambda i: tf.stack([tf.constant(3, tf.int64), i]))
-  crops = seeds.map(
-      lambda s: augment.train_example(config, encoded, 0, s)['image'],
-      num_parallel_calls=tf.data.AUTOTUNE).batch(draws)
+  crops = tf.data.Dataset.from_tensor_slices(
+      augment.train_draws(config, tf.constant([3, 0], tf.int64), draws)).map(
+          lambda d: augment.train_example(config, encoded, 0, d)['image'],
+          num_parallel_calls=tf.data.AUTOTUNE).batch(draws)
   images = next(crops.as_numpy_iterator()).astype(int)
   red = images[:, 0, :, 0]
   flipped = red[:, 0] > red[:, 1]
@@ -51,11 +50,10 @@ def test_pca_lighting_has_the_paper_covariance_and_is_one_shift_per_image():
   config = config_lib.default()
   eigvals = np.asarray(config.dataset.pca_eigvals)
   eigvecs = np.asarray(config.dataset.pca_eigvecs)
+  assert config.dataset.lighting_std == 0.1
   draws = 40_000
-  shifts = tf.data.Dataset.range(draws).map(
-      lambda i: augment.pca_lighting(tf.stack([tf.constant(5, tf.int64), i]),
-                                     eigvals, eigvecs, 0.1)).batch(draws)
-  shifts = next(shifts.as_numpy_iterator())
+  shifts = augment.train_draws(config, tf.constant([5, 0], tf.int64),
+                               draws)[normalization.LIGHTING].numpy()
   want = eigvecs @ np.diag((0.1 * eigvals) ** 2) @ eigvecs.T
   # Standard error of the mean: 12.2 / sqrt(40000) = 0.06 for the largest.
   np.testing.assert_allclose(shifts.mean(0), 0, atol=0.3)
@@ -120,10 +118,11 @@ def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
   config = _config(resize_size=40, image_size=8)
   square = np.random.default_rng(2).integers(0, 256, (40, 40, 3), np.uint8)
   encoded, decoded = tf.constant(_png(square)), tf.constant(square)
+  draws = augment.train_draws(config, tf.constant([5, 0], tf.int64), 50)
   for i in range(50):
-    seed = tf.constant([5, i], tf.int64)
-    from_file = augment.train_example(config, encoded, 3, seed)
-    from_memory = augment.train_example(config, decoded, 3, seed)
+    one = {key: value[i] for key, value in draws.items()}
+    from_file = augment.train_example(config, encoded, 3, one)
+    from_memory = augment.train_example(config, decoded, 3, one)
     for key in from_file:
       np.testing.assert_array_equal(from_file[key], from_memory[key])
   larger = tf.constant(_png(np.random.default_rng(3).integers(
