@@ -50,13 +50,18 @@ def _resize_to_uint8(image: tf.Tensor, shape) -> tf.Tensor:
   Plain bilinear is 4x faster than antialiased (measured: 1,880 vs 470
   images/sec on 2 cores) and samples well down to half size; beyond that
   (images far larger than ImageNet's) it would alias, so filter first.
+  The pixels go in as float32: TensorFlow's kernels resize float32 a third
+  faster than uint8, to the same values (measured: 300 against 480 us for a
+  306x306 window to 224x224 on one thread). Both filters' weights are
+  non-negative and sum to one, so the result needs no clipping to 0-255.
   """
   far = tf.reduce_any(tf.shape(image)[:2] > 2 * tf.convert_to_tensor(shape))
+  image = tf.cast(image, tf.float32)
   out = tf.cond(
       far,
       lambda: tf.image.resize(image, shape, method='bilinear', antialias=True),
       lambda: tf.image.resize(image, shape, method='bilinear'))
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+  return tf.cast(tf.round(out), tf.uint8)
 
 
 def shorter_side_to(encoded: tf.Tensor, size: int) -> tf.Tensor:
