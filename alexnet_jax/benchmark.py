@@ -429,9 +429,10 @@ def decode_limit(jpegs: list[bytes]) -> tuple[float, float]:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   decodes = tf.data.Dataset.from_tensor_slices(jpegs).map(
-      lambda data: tf.shape(tf.io.decode_jpeg(
-          data, channels=3, dct_method='INTEGER_FAST',
-          fancy_upscaling=False))[:2]).batch(len(jpegs))
+      tf.autograph.experimental.do_not_convert(
+          lambda data: tf.shape(tf.io.decode_jpeg(
+              data, channels=3, dct_method='INTEGER_FAST',
+              fancy_upscaling=False))[:2])).batch(len(jpegs))
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1

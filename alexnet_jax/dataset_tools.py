@@ -70,6 +70,7 @@ def _write(config, items: tf.data.Dataset, folder: str,
   final name is complete.
   """
 
+  @tf.autograph.experimental.do_not_convert
   def encode(relative, encoded, work):
     image = augment.shorter_side_to(encoded, config.resize_size)
     return relative, tf.io.encode_jpeg(image, quality=JPEG_QUALITY), work
@@ -102,6 +103,7 @@ def _prepare_split(config, src: input_pipeline.Source, split: str,
   done_mask = tf.constant(is_done, tf.bool)
   names = tf.constant(src.class_names)
 
+  @tf.autograph.experimental.do_not_convert
   def item(index, example):
     encoded, label = example
     relative = tf.strings.join([
@@ -110,7 +112,8 @@ def _prepare_split(config, src: input_pipeline.Source, split: str,
     return relative, encoded, tf.constant(float(jax.process_count()))
 
   items = src.examples.enumerate().filter(
-      lambda index, _: ~tf.gather(done_mask, index)).map(item)
+      tf.autograph.experimental.do_not_convert(
+          lambda index, _: ~tf.gather(done_mask, index))).map(item)
   shown = progress.Progress(config, f'{split}: writing',
                             len(todo) * jax.process_count())
   written = {int(os.path.basename(p).partition('.')[0])
@@ -221,7 +224,8 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   paper's resize_size square. Each process sums its part of the sample.
   """
   src = input_pipeline.source(config, config.dataset.train_split)
-  sums = lambda encoded, *_: _image_sums(encoded, config.resize_size)
+  sums = tf.autograph.experimental.do_not_convert(
+      lambda encoded, *_: _image_sums(encoded, config.resize_size))
   if config.dataset.stats_examples <= 0:
     ds = src.examples.map(sums, num_parallel_calls=tf.data.AUTOTUNE)
   else:

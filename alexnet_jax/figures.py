@@ -134,8 +134,9 @@ def _examples(config, src, count: int):
   """(centre crops, labels, indices) of `count` examples spread over src."""
   centre = _centre_crop_config(config)
   ds = input_pipeline.spread_sample(src, count).map(
-      lambda encoded, label, index: dict(
-          augment.eval_example(centre, encoded, label), index=index),
+      tf.autograph.experimental.do_not_convert(
+          lambda encoded, label, index: dict(
+              augment.eval_example(centre, encoded, label), index=index)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(config.eval.batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -15,6 +15,10 @@ time) from the seed, p's global batch and its place in it. Each process
 reads its part of every global batch. A run that resumes at step s starts the
 stream at global batch s and sees exactly the examples and crops it would
 have seen, with nothing to store but the step.
+
+Every function given to tf.data is marked do_not_convert: they have no
+Python control flow on tensors for AutoGraph to rewrite, and rewriting them
+cost every command about 2 s of start-up.
 """
 
 import dataclasses
@@ -152,6 +156,7 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
     raise DatasetError(f'no decodable image files under {split_dir}')
   path_table, label_table = tf.constant(paths), tf.constant(labels)
 
+  @tf.autograph.experimental.do_not_convert
   def lookup(index):
     return (tf.io.read_file(tf.gather(path_table, index)),
             tf.gather(label_table, index))
@@ -260,7 +265,8 @@ def _tfds_source(config, split: str) -> Source:
   examples = builder.as_dataset(
       split=local_split, decoders={'image': tfds.decode.SkipDecoding()},
       shuffle_files=False)
-  examples = examples.map(lambda ex: (ex['image'], ex['label']))
+  examples = examples.map(tf.autograph.experimental.do_not_convert(
+      lambda ex: (ex['image'], ex['label'])))
   return Source(examples, builder.info.splits[local_split].num_examples,
                 num_examples, tuple(builder.info.features['label'].names))
 
@@ -308,7 +314,8 @@ def decoded_in_memory(config, src: Source) -> Source:
   encoded = (tf.data.Dataset.range(count).map(src.lookup)
              if src.lookup is not None else src.examples)
   decoded = encoded.map(
-      lambda data, label: (augment.paper_image(data, side), label),
+      tf.autograph.experimental.do_not_convert(
+          lambda data, label: (augment.paper_image(data, side), label)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
   parts = list(decoded.as_numpy_iterator())
   images = tf.constant(np.concatenate([p[0] for p in parts]))
@@ -317,6 +324,7 @@ def decoded_in_memory(config, src: Source) -> Source:
   logging.info('kept %d decoded %dx%d images in memory (%.0f MB)', count,
                side, side, needed / 1e6)
 
+  @tf.autograph.experimental.do_not_convert
   def lookup(index):
     return tf.gather(images, index), tf.gather(labels, index)
 
@@ -382,9 +390,11 @@ def spread_sample(src: Source, count: int) -> tf.data.Dataset:
     indices = np.unique(np.linspace(0, src.num_examples - 1, count,
                                     dtype=np.int64))
     return tf.data.Dataset.from_tensor_slices(indices).map(
-        lambda i: (*src.lookup(i), i))
+        tf.autograph.experimental.do_not_convert(
+            lambda i: (*src.lookup(i), i)))
   return src.examples.take(count).enumerate().map(
-      lambda i, example: (*example, i))
+      tf.autograph.experimental.do_not_convert(
+          lambda i, example: (*example, i)))
 
 
 def process_batch_size(global_batch: int) -> int:
@@ -426,6 +436,7 @@ def positioned_examples(
   random access, position p is example p mod n of epoch p div n in that
   epoch's order, so the stream is the same for any number of processes.
   """
+  @tf.autograph.experimental.do_not_convert
   def batch_info(step):
     first = (step * jax.process_count() + jax.process_index()) * local_batch
     positions = first + tf.range(local_batch, dtype=tf.int64)
@@ -437,6 +448,7 @@ def positioned_examples(
 
   infos = tf.data.Dataset.range(start_step, _ENDLESS).map(batch_info).unbatch()
   if src.lookup is not None:
+    @tf.autograph.experimental.do_not_convert
     def example(info):
       info = dict(info)
       return per_example(*src.lookup(info.pop(_INDEX)), info)
@@ -449,9 +461,12 @@ def positioned_examples(
   first_epoch, seen = divmod(start_step * local_batch, n)
   buffer = min(config.dataset.shuffle_buffer, n)
   epochs = tf.data.Dataset.range(first_epoch, _ENDLESS).flat_map(
-      lambda epoch: src.examples.shuffle(buffer, seed=seed * 1_000_003 + epoch))
+      tf.autograph.experimental.do_not_convert(
+          lambda epoch: src.examples.shuffle(
+              buffer, seed=seed * 1_000_003 + epoch)))
   return tf.data.Dataset.zip((epochs.skip(seen), infos)).map(
-      lambda example, info: per_example(*example, info),
+      tf.autograph.experimental.do_not_convert(
+          lambda example, info: per_example(*example, info)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -491,7 +506,8 @@ def eval_batches(config, src: Source,
   batch = process_batch_size(global_batch)
   most_per_process = -(-src.num_examples // jax.process_count())
   num_batches = -(-most_per_process // batch)
-  ds = src.examples.map(lambda x, y: augment.eval_example(config, x, y),
+  ds = src.examples.map(tf.autograph.experimental.do_not_convert(
+      lambda x, y: augment.eval_example(config, x, y)),
                         num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)

@@ -24,6 +24,7 @@ def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
   """Decode every file once; for each that decodes: (is JPEG, ends with the
   JPEG end marker, colour channels in the file). Missing indices failed."""
 
+  @tf.autograph.experimental.do_not_convert
   def check(index, path):
     data = tf.io.read_file(path)
     # Decode all that training can use: the centre square. Raises (and the
