@@ -84,8 +84,8 @@ def abstract_train_state(config, mesh: jax.sharding.Mesh):
 
 def create_sharded_train_state(config, mesh: jax.sharding.Mesh) -> TrainState:
   """The same initial state, made directly in place on `mesh`."""
-  return jax.jit(lambda: create_train_state(config),
-                 out_shardings=state_shardings(config, mesh))()
+  return xla_cpu.jit(lambda: create_train_state(config), runs_once=True,
+                     out_shardings=state_shardings(config, mesh))()
 
 
 def classification_sums(logits: jax.Array, labels: jax.Array,
