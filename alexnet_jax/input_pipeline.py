@@ -18,7 +18,7 @@ have seen, with nothing to store but the step.
 
 Every function given to tf.data is marked do_not_convert: they have no
 Python control flow on tensors for AutoGraph to rewrite, and rewriting them
-cost every command about 2 s of start-up.
+cost every command 1-1.5 s of CPU time at start-up.
 """
 
 import dataclasses
