@@ -29,17 +29,3 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir):
   """The tests' one tiny config (command_line.TINY): seconds per step."""
   return command_line.tiny_config(data_dir)
-
-
-# The longest files first (CI, 1 December: 520, 270, 190, 190, 180 and 170 s
-# of the suite's 2,100 worker-seconds), so that the two workers, each taking
-# the next file as it finishes one, end together rather than one of them
-# starting a long file near the end.
-_LONGEST_FIRST = ('test_checkpoints.py', 'test_multi_process.py',
-                  'test_parallel.py', 'test_slurm.py', 'test_main.py',
-                  'test_bad_input.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
