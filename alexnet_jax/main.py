@@ -100,14 +100,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 _LOCKING_MODES = ('train', 'prepare', 'stats')
 
 
-def _run(mode: str, config, workdir: str) -> None:
-  # Imported here so that --help and flag errors stay fast.
-  from alexnet_jax import dataset_tools
-  from alexnet_jax import evaluate
-  from alexnet_jax import export
-  from alexnet_jax import figures
-  from alexnet_jax import predict
-  from alexnet_jax import trainer
+def _check_flags(mode: str, workdir: str) -> str:
+  """Refuses flags that do not fit the mode, and a workdir that cannot be
+  used, before TensorFlow and JAX take their seconds to load. Returns the
+  workdir as an absolute path."""
   from alexnet_jax import workdir as workdir_lib
   if mode != 'eval' and _ENSEMBLE.value:
     raise errors.UserError('--ensemble is for --mode=eval')
@@ -121,10 +117,22 @@ def _run(mode: str, config, workdir: str) -> None:
   if _FIGURE_POOL.value <= 0:
     raise errors.UserError(f'--figure_pool={_FIGURE_POOL.value}: give a '
                            f'number of training images above 0')
-  if mode == 'prepare':
-    dataset_tools.check_output(config, workdir)
   if mode == 'export' and _EXPORT_DIR.value:
     workdir_lib.check(_EXPORT_DIR.value, flag='--export_dir')
+  return workdir_lib.check(workdir, writable=mode != 'predict')
+
+
+def _run(mode: str, config, workdir: str) -> None:
+  # Imported here so that --help and flag errors stay fast.
+  from alexnet_jax import dataset_tools
+  from alexnet_jax import evaluate
+  from alexnet_jax import export
+  from alexnet_jax import figures
+  from alexnet_jax import predict
+  from alexnet_jax import trainer
+  from alexnet_jax import workdir as workdir_lib
+  if mode == 'prepare':
+    dataset_tools.check_output(config, workdir)
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
@@ -147,11 +155,9 @@ def _run(mode: str, config, workdir: str) -> None:
           _ALLOW_CONFIG_CHANGE.value),
   }
   if mode in _LOCKING_MODES:
-    with workdir_lib.locked(workdir) as path:
-      workdir = path
+    with workdir_lib.locked(workdir):
       jobs[mode]()
   else:
-    workdir = workdir_lib.check(workdir, writable=mode != 'predict')
     jobs[mode]()
 
 
@@ -165,11 +171,12 @@ def main(argv):
   from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
   from alexnet_jax import tf_runtime  # pylint: disable=g-import-not-at-top
   try:
+    workdir = _check_flags(_MODE.value, _WORKDIR.value)
     tf_runtime.start()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                            _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT_TIMEOUT.value)
-    _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    _run(_MODE.value, _CONFIG.value, workdir)
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)
   except preemption.Stopped as e:
