@@ -280,7 +280,8 @@ def test_hybrid_evaluation_sums_match_one_device(tiny_config):
   batch = {'image': rng.integers(0, 256, (8, 10, 64, 64, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, 8).astype(np.int32),
            'mask': np.asarray([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
-  params = jax.device_get(steps.create_train_state(tiny_config).params)
+  params = jax.device_get(steps.create_sharded_train_state(
+      tiny_config, parallel.make_mesh(tiny_config)).params)
   sums = []
   for data, tower in [(1, 1), (2, 2)]:
     tiny_config.mesh.data, tiny_config.mesh.tower = data, tower
