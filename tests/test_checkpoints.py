@@ -13,6 +13,7 @@ import pytest
 
 from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
+from alexnet_jax import errors
 from alexnet_jax import parallel
 from alexnet_jax import steps
 from command_line import assert_bitwise_equal
@@ -175,17 +176,25 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
   assert _snapshot(tmp_path / 'checkpoints') == before
 
 
+def _evaluate(config, workdir, checkpoint='latest', **overrides) -> dict:
+  """evaluate.run in this process, as --mode=eval runs it: the record it
+  adds to workdir's metrics."""
+  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size = 8   # as `flags` trained
+  config.update_from_flattened_dict(overrides)
+  evaluate.run(config, str(workdir), checkpoint=checkpoint)
+  return metric_records(workdir)[-1]
+
+
 @pytest.mark.parametrize('crops', [1, 10])
 def test_eval_gives_the_same_metrics_on_one_device_and_on_a_2x2_mesh(
-    mesh_trained, flags, crops):
+    mesh_trained, tiny_config, crops):
   """Trained on data=2 x tower=2; evaluated there and on one device."""
-  records = []
-  for mesh, devices in (((1, 1), 1), ((2, 2), 4)):
-    run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
-             f'--config.eval.crops={crops}', f'--config.mesh.data={mesh[0]}',
-             f'--config.mesh.tower={mesh[1]}', devices=devices)
-    records.append(metric_records(mesh_trained)[-1])
-  one_device, two_by_two = records
+  one_device, two_by_two = (
+      _evaluate(tiny_config, mesh_trained, **{
+          'eval.crops': crops, 'mesh.data': data, 'mesh.tower': tower})
+      for data, tower in ((1, 1), (2, 2)))
   assert one_device['split'] == f'eval_{crops}crop'
   assert one_device['step'] == STEPS and one_device['examples'] == 30
   for key in ('loss', 'top1_error', 'top5_error', 'examples'):
@@ -193,12 +202,11 @@ def test_eval_gives_the_same_metrics_on_one_device_and_on_a_2x2_mesh(
 
 
 def test_an_ensemble_of_two_checkpoints_from_the_command_line(
-    mesh_trained, flags):
+    mesh_trained, flags, tiny_config):
   members = []
   for step in (2, 4):
-    run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
-             f'--checkpoint={step}')
-    members.append(metric_records(mesh_trained)[-1])
+    members.append(_evaluate(tiny_config, mesh_trained, checkpoint=str(step)))
+    assert members[-1]['step'] == step
   result = run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
                     '--checkpoint=2', f'--ensemble={mesh_trained}@4')
   assert f'ensemble of {mesh_trained}@2, {mesh_trained}@4' in result.stdout
@@ -241,37 +249,43 @@ def test_config_changes_names_each_key_and_skips_the_ignored_ones():
       'model.width: 1.0 -> 0.5']
 
 
+# Each case: the mode main would run, config overrides, its arguments, and
+# what the error names.
 BAD_INPUT = {
     'resume with another batch size': (
-        ['--config.batch_size=32'], 'batch_size: 16 -> 32'),
+        'train', {'batch_size': 32}, {}, 'batch_size: 16 -> 32'),
     'eval with another variant': (
-        ['--mode=eval', '--config.model.variant=one_tower_2014'],
+        'eval', {'model.variant': 'one_tower_2014'}, {},
         'model.variant: paper_2012 -> one_tower_2014'),
     'eval with another class count': (
-        ['--mode=eval', '--config.model.num_classes=20'],
-        'model.num_classes: 10 -> 20'),
+        'eval', {'model.num_classes': 20}, {}, 'model.num_classes: 10 -> 20'),
     'eval of a checkpoint that does not fit, change allowed': (
-        ['--mode=eval', '--config.model.num_classes=20',
-         '--allow_config_change'],
+        'eval', {'model.num_classes': 20}, {'allow_config_change': True},
         'params/fc8/bias is (10,) there and (20,) here'),
     'eval of a step that is not there': (
-        ['--mode=eval', '--checkpoint=3'], 'no checkpoint 3'),
+        'eval', {}, {'checkpoint': '3'}, 'no checkpoint 3'),
     'eval of a misspelt checkpoint': (
-        ['--mode=eval', '--checkpoint=bset'],
+        'eval', {}, {'checkpoint': 'bset'},
         '--checkpoint=bset: use latest, best or a step number'),
 }
 
 
 @pytest.mark.parametrize('case', BAD_INPUT)
-def test_bad_input_fails_in_one_line_and_changes_nothing(
-    case, uninterrupted, flags):
-  args, message = BAD_INPUT[case]
+def test_bad_input_is_refused_and_changes_nothing(
+    case, uninterrupted, tiny_config):
+  """In this process, through the function main runs for the mode (the
+  command line turns such an error into its one line and exit status 1, as
+  the tests of test_bad_input.py see)."""
+  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import trainer  # pylint: disable=g-import-not-at-top
+  mode, overrides, kwargs, message = BAD_INPUT[case]
+  tiny_config.eval.batch_size = 8   # as `flags` trained it
+  tiny_config.update_from_flattened_dict(overrides)
+  job = {'train': trainer.train_and_evaluate, 'eval': evaluate.run}[mode]
   before = _snapshot(uninterrupted)
-  result = run_main(*flags, f'--workdir={uninterrupted}', *args, check=False)
-  assert result.returncode == 1
-  assert _last_line(result).startswith('error: ')
-  assert message in _last_line(result)
-  assert 'Traceback' not in result.stderr
+  with pytest.raises(errors.UserError) as refused:
+    job(tiny_config, str(uninterrupted), **kwargs)
+  assert message in str(refused.value)
   assert _snapshot(uninterrupted) == before
 
 
