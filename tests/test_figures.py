@@ -4,6 +4,7 @@ import glob
 import json
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -163,8 +164,9 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
   # fc7 of every pool image and query, recomputed here; compare each pair.
   config = command_line.tiny_config(data_dir)
   model = models.build(config)
-  fc7 = lambda images: np.asarray(inference.fc7_features(
+  fc7_of = jax.jit(lambda images: inference.fc7_features(
       model, params, images, config.dataset.mean_rgb))
+  fc7 = lambda images: np.asarray(fc7_of(images))
   train_files = _split_files(config, 'train')
   assert numbers['pool_size'] == 40
   pool_indices = np.unique(np.linspace(0, len(train_files) - 1, 40,
@@ -173,7 +175,7 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
   pool = fc7(pool_crops)
   # fc7_features checked through the layer after it: fc8 of the features,
   # halved (the paper's dropout at test time), gives the network's logits.
-  logits = model.apply({'params': params}, normalization.normalize(
+  logits = jax.jit(model.apply)({'params': params}, normalization.normalize(
       pool_crops, config.dataset.mean_rgb))
   np.testing.assert_allclose(
       0.5 * pool @ params['fc8']['kernel'] + params['fc8']['bias'], logits,
