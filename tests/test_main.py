@@ -49,7 +49,7 @@ def test_a_two_by_two_mesh_run_reaches_the_one_device_parameters(
 
   The one-device run also writes a profile of steps 3-4. (A window with an
   evaluation and a save in it, whose Python the trace records call by call,
-  took 20 s to write.)"""
+  took 21 s to write.)"""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   flags = tiny_flags(data_dir, eval_batch=8)
