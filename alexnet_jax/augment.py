@@ -121,17 +121,18 @@ def paper_image(encoded: tf.Tensor, resize_size: int) -> tf.Tensor:
   return decode_window(encoded, resize_size, 0, 0, resize_size)
 
 
-# The keys of train_draws: one image's crop offsets and flip.
-TOP, LEFT, FLIP = 'top', 'left', 'flip'
+# The keys of train_draws: one image's crop offsets (and normalization.FLIP
+# and LIGHTING, which the device applies).
+TOP, LEFT = 'top', 'left'
 
 
 def train_draws(config, seed: tf.Tensor, count: int) -> dict[str, tf.Tensor]:
   """The random part of `count` images' augmentation, drawn at once.
 
   Per image: every image_size crop offset of the 256x256 image equally
-  likely (TOP, LEFT), a flip with p=0.5 (FLIP), and the PCA lighting shift
-  V (alpha * s), alpha ~ N(0, lighting_std) (normalization.LIGHTING), which
-  the device adds. Drawn a batch at a time because drawn an image at a time
+  likely (TOP, LEFT), a flip with p=0.5 (normalization.FLIP), and the PCA
+  lighting shift V (alpha * s), alpha ~ N(0, lighting_std)
+  (normalization.LIGHTING); the device applies the last two. Drawn a batch at a time because drawn an image at a time
   these few numbers cost about a tenth of the host's time per image.
   """
   crop_seed, flip_seed, light_seed = tf.unstack(
@@ -147,18 +148,19 @@ def train_draws(config, seed: tf.Tensor, count: int) -> dict[str, tf.Tensor]:
   lighting = tf.linalg.matmul(alpha * tf.constant(eigvals, tf.float32),
                               tf.constant(eigvecs, tf.float32),
                               transpose_b=True)
-  return {TOP: top, LEFT: left, FLIP: flip, normalization.LIGHTING: lighting}
+  return {TOP: top, LEFT: left, normalization.FLIP: flip,
+          normalization.LIGHTING: lighting}
 
 
 def train_example(config, encoded, label, draws) -> dict[str, tf.Tensor]:
-  """One image's crop, flip and lighting, as `draws` (one image's row of
-  train_draws) says."""
+  """One image's crop, with the flip and lighting the device applies to
+  it, as `draws` (one image's row of train_draws) says."""
   size = config.image_size
   image = decode_window(encoded, config.resize_size, draws[TOP], draws[LEFT],
                         size)
-  image = tf.cond(draws[FLIP], lambda: tf.reverse(image, [1]), lambda: image)
   return {normalization.IMAGE: image,
           normalization.LABEL: tf.cast(label, tf.int32),
+          normalization.FLIP: draws[normalization.FLIP],
           normalization.LIGHTING: draws[normalization.LIGHTING]}
 
 

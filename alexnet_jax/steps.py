@@ -157,7 +157,7 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   def device_sums(params, batch, rng_data, lighting_on):
     images = normalization.normalize_for_training(
         config, batch[normalization.IMAGE], mean,
-        batch[normalization.LIGHTING], lighting_on)
+        batch[normalization.LIGHTING], lighting_on, batch[normalization.FLIP])
     logits = model.apply({'params': params}, images, train=True,
                          dropout_rng=jax.random.wrap_key_data(rng_data))
     return _total_over_batch(classification_sums(

@@ -57,6 +57,7 @@ def test_train_batches_have_the_contract_shapes(tiny_config):
   assert batch['image'].dtype == np.uint8
   assert batch['label'].dtype == np.int32
   assert batch['lighting'].shape == (16, 3)
+  assert batch['flip'].shape == (16,) and batch['flip'].dtype == bool
   # The stream is the same on a second run with the same seed.
   again = next(input_pipeline.train_dataset(tiny_config, src)
                .as_numpy_iterator())

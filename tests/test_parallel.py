@@ -21,6 +21,7 @@ def _batch(config, seed=0):
       'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
       'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
       'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
+      'flip': rng.integers(0, 2, n).astype(bool),
   }
 
 

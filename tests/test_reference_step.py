@@ -115,7 +115,9 @@ def reference_step(params, batch, mean_rgb, variant, lr, wd, lighting_std):
   """Loss and parameters after one step of the paper's SGD from zero
   momentum: v = momentum * 0 - wd lr w - lr g (no decay for biases, and in
   released_2012 twice the rate for them)."""
-  x = (batch['image'].astype(jnp.float32) - jnp.asarray(mean_rgb)
+  images = jnp.where(batch['flip'][:, None, None, None],
+                     jnp.flip(batch['image'], axis=2), batch['image'])
+  x = (images.astype(jnp.float32) - jnp.asarray(mean_rgb)
        + batch['lighting'][:, None, None, :])
   bias_lr = lr
   if variant == 'released_2012':
@@ -149,7 +151,8 @@ def test_one_train_step_equals_the_independent_reference(tiny_config,
   batch = {
       'image': rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
       'label': rng.integers(0, 10, 16).astype(np.int32),
-      'lighting': rng.normal(0, 20, (16, 3)).astype(np.float32)}
+      'lighting': rng.normal(0, 20, (16, 3)).astype(np.float32),
+      'flip': rng.integers(0, 2, 16).astype(bool)}
   mesh = parallel.make_mesh(config)
   state = steps.create_sharded_train_state(config, mesh)
   params = jax.device_get(state.params)

@@ -20,6 +20,7 @@ def _batch(config, n, seed=0):
       'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
       'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
       'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
+      'flip': rng.integers(0, 2, n).astype(bool),
   }
 
 
@@ -219,12 +220,33 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
 
   tiny_config.dataset.lighting_rescale = True
   images, lighting, mean = batch['image'], batch['lighting'], np.float32(100)
+  no_flip = np.zeros(len(images), bool)
   for on in (True, False):
     got = normalization.normalize_for_training(
-        tiny_config, images, mean, lighting, jnp.asarray(on))
+        tiny_config, images, mean, lighting, jnp.asarray(on), no_flip)
     want = (normalization.normalize(images, mean, lighting) / 1.1 if on
             else normalization.normalize(images, mean))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_device_mirrors_exactly_the_crops_drawn_to_be_flipped(
+    tiny_config):
+  """A step on crops flagged to be flipped is, to the bit, the step on the
+  same crops mirrored beforehand and not flagged."""
+  mesh = parallel.make_mesh(tiny_config)
+  towers = steps.mesh_towers(tiny_config, mesh)
+  batch = _batch(tiny_config, 16)
+  assert 0 < batch['flip'].sum() < 16
+  mirrored = dict(batch, flip=np.zeros(16, bool), image=np.where(
+      batch['flip'][:, None, None, None], batch['image'][:, :, ::-1],
+      batch['image']))
+  step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
+  after = [jax.device_get(step(steps.create_sharded_train_state(
+      tiny_config, mesh), parallel.shard_batch(b, mesh, towers))[0].params)
+           for b in (batch, mirrored, dict(batch, flip=np.zeros(16, bool)))]
+  jax.tree.map(np.testing.assert_array_equal, after[0], after[1])
+  assert not np.array_equal(after[0]['conv1']['kernel'],
+                            after[2]['conv1']['kernel'])
 
 
 def test_the_per_pixel_mean_is_the_mean_image_s_centre_in_train_and_eval(
@@ -250,6 +272,7 @@ def test_the_per_pixel_mean_is_the_mean_image_s_centre_in_train_and_eval(
   towers = steps.mesh_towers(tiny_config, mesh)
   batch = _batch(tiny_config, 16)
   batch['image'] = rng.integers(0, 200, batch['image'].shape, dtype=np.uint8)
+  batch['flip'] = np.zeros(16, bool)  # the shift below is added unmirrored
   crops = rng.integers(0, 200, (3, 10, size, size, 3), dtype=np.uint8)
   evaluation = {'image': crops, 'label': np.asarray([1, 2, 3], np.int32),
                 'mask': np.ones(3, np.float32)}
