@@ -132,8 +132,9 @@ def train_draws(config, seed: tf.Tensor, count: int) -> dict[str, tf.Tensor]:
   Per image: every image_size crop offset of the 256x256 image equally
   likely (TOP, LEFT), a flip with p=0.5 (normalization.FLIP), and the PCA
   lighting shift V (alpha * s), alpha ~ N(0, lighting_std)
-  (normalization.LIGHTING); the device applies the last two. Drawn a batch at a time because drawn an image at a time
-  these few numbers cost about a tenth of the host's time per image.
+  (normalization.LIGHTING); the device applies the last two. Drawn a batch
+  at a time because drawn an image at a time these few numbers cost about a
+  tenth of the host's time per image.
   """
   crop_seed, flip_seed, light_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
