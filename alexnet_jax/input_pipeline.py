@@ -65,6 +65,10 @@ class Source:
   # has it (folders). The train stream then starts anywhere at no cost and
   # does not depend on the number of processes.
   lookup: Optional[Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]] = None
+  # Every example's [height, width] by index (int32, (num_examples, 2)),
+  # where screening recorded them (folders), so train crops are found a
+  # batch at a time (augment.train_windows).
+  shapes: Optional[tf.Tensor] = None
 
 
 def cache_root(config) -> str:
@@ -77,13 +81,13 @@ def _share(count: int) -> slice:
   return slice(jax.process_index(), count, jax.process_count())
 
 
-def _from_every_process(local: list[bool], count: int) -> np.ndarray:
-  """The flags of all `count` items, from each process's `_share` of them."""
+def _from_every_process(local: np.ndarray, count: int) -> np.ndarray:
+  """The rows of all `count` items, from each process's `_share` of them."""
   processes = jax.process_count()
-  padded = np.zeros(-(-count // processes), bool)
+  padded = np.zeros((-(-count // processes),) + local.shape[1:], local.dtype)
   padded[:len(local)] = local
-  shares = distributed.all_processes(padded)  # (processes, width)
-  every = np.zeros(count, bool)
+  shares = distributed.all_processes(padded)  # (processes, width, ...)
+  every = np.zeros((count,) + local.shape[1:], local.dtype)
   for process in range(processes):
     every[process::processes] = shares[process, :len(every[process::processes])]
   return every
@@ -146,10 +150,13 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
         labels.append(label)
   if not paths:
     raise DatasetError(f'no image files under {split_dir}/<class name>/')
-  # Each process screens its share; all then know every file's result.
-  good = _from_every_process(
-      screening.screen(paths[_share(len(paths))], cache_dir),
-                             len(paths))
+  # Each process screens its share; all then know every file's shape, and
+  # (0, 0) for a file left out.
+  screened = screening.screen(paths[_share(len(paths))], cache_dir)
+  shapes = _from_every_process(
+      np.array([shape or (0, 0) for shape in screened],
+               np.int32).reshape(-1, 2), len(paths))
+  good = shapes[:, 0] > 0
   paths = [p for p, ok in zip(paths, good) if ok]
   labels = np.asarray([y for y, ok in zip(labels, good) if ok], np.int64)
   if not paths:
@@ -165,7 +172,7 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
   examples = tf.data.Dataset.range(share.start, share.stop, share.step).map(
       lookup, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return Source(examples, len(range(len(paths))[share]), len(paths),
-                class_names, lookup)
+                class_names, lookup, tf.constant(shapes[good]))
 
 
 def builtin_dir(config) -> str:
@@ -332,10 +339,11 @@ def decoded_in_memory(config, src: Source) -> Source:
     return dataclasses.replace(
         src, examples=tf.data.Dataset.from_tensor_slices((images, labels)))
   share = _share(count)
+  # Crops of kept images are slices, found without the files' shapes.
   return dataclasses.replace(
       src, examples=tf.data.Dataset.range(
           share.start, share.stop, share.step).map(lookup),
-      lookup=lookup)
+      lookup=lookup, shapes=None)
 
 
 def training_source(config, split: str) -> Source:
@@ -424,26 +432,32 @@ def _epoch_order(config, num_examples: int, positions: tf.Tensor) -> tf.Tensor:
 def positioned_examples(
     config, src: Source, start_step: int, local_batch: int,
     per_example: Callable[..., object],
-    per_batch: Optional[Callable[[tf.Tensor], dict[str, tf.Tensor]]] = None,
+    per_batch: Optional[Callable[[tf.Tensor, Optional[tf.Tensor]],
+                                 dict[str, tf.Tensor]]] = None,
 ) -> tf.data.Dataset:
   """per_example(bytes, label, info) of this process's examples in order,
   from its local batch start_step on, in one parallel map.
 
   info is a dict of one example's tensors: its POSITION in the job's stream,
-  and its row of what per_batch(step) returns for the local batch (so work
-  that can be done a batch at a time is). Global batch s is split among the
-  processes in order, as `parallel.shard_batch` puts it together again. With
-  random access, position p is example p mod n of epoch p div n in that
-  epoch's order, so the stream is the same for any number of processes.
+  and its row of what per_batch(step, shapes) returns for the local batch
+  (so work that can be done a batch at a time is); shapes are the batch's
+  images' [height, width] where the source has them (Source.shapes), else
+  None. Global batch s is split among the processes in order, as
+  `parallel.shard_batch` puts it together again. With random access,
+  position p is example p mod n of epoch p div n in that epoch's order, so
+  the stream is the same for any number of processes.
   """
   @tf.autograph.experimental.do_not_convert
   def batch_info(step):
     first = (step * jax.process_count() + jax.process_index()) * local_batch
     positions = first + tf.range(local_batch, dtype=tf.int64)
-    info = dict(per_batch(step)) if per_batch else {}
-    info[POSITION] = positions
+    info, shapes = {POSITION: positions}, None
     if src.lookup is not None:
       info[_INDEX] = _epoch_order(config, src.num_examples, positions)
+      if src.shapes is not None:
+        shapes = tf.gather(src.shapes, info[_INDEX])
+    if per_batch:
+      info.update(per_batch(step, shapes))
     return info
 
   infos = tf.data.Dataset.range(start_step, _ENDLESS).map(batch_info).unbatch()
@@ -474,17 +488,20 @@ def train_dataset(config, src: Source, start_step: int = 0) -> tf.data.Dataset:
   """Endless augmented batches for this process, from train step start_step.
 
   Each global batch's crops, flips and lighting are drawn at once from the
-  seed and the step (augment.train_draws), and each process takes its rows.
+  seed and the step (augment.train_draws), and each process takes its rows
+  (and finds its crops' windows, where the source has the images' shapes).
   """
   local_batch = process_batch_size(config.batch_size)
   seed = tf.constant([config.seed, 0], tf.int64)
 
-  def this_process_draws(step):
+  def this_process_draws(step, shapes):
     draws = augment.train_draws(
         config, tf.random.experimental.stateless_fold_in(seed, step),
         config.batch_size)
     first = jax.process_index() * local_batch
-    return {k: v[first:first + local_batch] for k, v in draws.items()}
+    draws = {k: v[first:first + local_batch] for k, v in draws.items()}
+    return (draws if shapes is None
+            else augment.train_windows(config, draws, shapes))
 
   ds = positioned_examples(
       config, src, start_step, local_batch,

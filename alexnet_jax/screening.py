@@ -2,10 +2,12 @@
 
 Every file is decoded once (the part training uses); those that fail are
 left out and named with the reason, and repaired ones (truncated, CMYK,
-misnamed) are named too. Files that fail to decode are kept in a cache
-keyed by the files' names, sizes and times, so a dataset is screened in full
-once, not on every run. Files that could not be read at all (permissions, a
-dangling link, an I/O error) are not cached as bad: they are tried again.
+misnamed) are named too. The result, with every usable file's height and
+width (from which training finds its crops a batch at a time), is kept in a
+cache keyed by the files' names, sizes and times, so a dataset is screened
+in full once, not on every run. Files that could not be read at all
+(permissions, a dangling link, an I/O error) are not cached as bad: they are
+tried again.
 """
 
 import hashlib
@@ -20,9 +22,14 @@ import tensorflow as tf
 from alexnet_jax import augment
 
 
-def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
+Shape = tuple[int, int]  # an image's [height, width]
+
+
+def _screen_file_kinds(
+    paths: list[str]) -> dict[int, tuple[bool, bool, int, Shape]]:
   """Decode every file once; for each that decodes: (is JPEG, ends with the
-  JPEG end marker, colour channels in the file). Missing indices failed."""
+  JPEG end marker, colour channels in the file, [height, width]). Missing
+  indices failed."""
 
   @tf.autograph.experimental.do_not_convert
   def check(index, path):
@@ -32,18 +39,17 @@ def _screen_file_kinds(paths: list[str]) -> dict[int, tuple[bool, bool, int]]:
     decoded = augment.paper_image(data, 256)
     with tf.control_dependencies([decoded]):  # unused, so kept explicitly
       index = tf.identity(index)
-    is_jpeg = tf.io.is_jpeg(data)
-    channels = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(data)[2],
-                       lambda: tf.constant(3))
+    shape = augment.image_shape(data)
     complete = tf.strings.substr(data, tf.strings.length(data) - 2, 2) == (
         b'\xff\xd9')
-    return index, is_jpeg, complete, channels
+    return index, tf.io.is_jpeg(data), complete, shape
 
   ds = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
       check, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors()
-  return {int(i): (bool(j), bool(c), int(ch))
-          for i, j, c, ch in ds.as_numpy_iterator()}
+  return {int(i): (bool(j), bool(c), int(shape[2]),
+                   (int(shape[0]), int(shape[1])))
+          for i, j, c, shape in ds.as_numpy_iterator()}
 
 
 def _unreadable(path: str) -> Optional[str]:
@@ -69,9 +75,10 @@ def _decode_failure(path: str) -> str:
   return 'not a decodable image'
 
 
-def _screen_now(paths: list[str]) -> tuple[list[str], list[str]]:
-  """(files that fail to decode, files that cannot be read), each logged
-  with its reason; repaired files are logged too."""
+def _screen_now(
+    paths: list[str]) -> tuple[list[Optional[Shape]], list[str]]:
+  """(each file's [height, width] or None, the files that cannot be read);
+  each file left out is logged with its reason, and each repaired one."""
   if not paths:
     return [], []
   kinds = _screen_file_kinds(paths)
@@ -104,7 +111,12 @@ def _screen_now(paths: list[str]) -> tuple[list[str], list[str]]:
     logging.warning('checked %d files: %d skipped, %d repaired', len(paths),
                     len(bad) + len(unreadable),
                     sum(map(len, repairs.values())))
-  return bad, unreadable
+  return [kinds[i][3] if i in kinds else None
+          for i in range(len(paths))], unreadable
+
+
+# The cache's format: a dataset whose cache has another is screened anew.
+_CACHE_VERSION = 2
 
 
 def _file_key(path: str) -> str:
@@ -115,33 +127,35 @@ def _file_key(path: str) -> str:
   return f'{path}\t{st.st_size}\t{st.st_mtime_ns}\n'
 
 
-def screen(paths: list[str], cache_dir: str) -> list[bool]:
-  """Which files can be decoded; each bad, unreadable or repaired file is
-  logged with the reason.
+def screen(paths: list[str], cache_dir: str) -> list[Optional[Shape]]:
+  """Each file's [height, width], or None for one that cannot be used; each
+  bad, unreadable or repaired file is logged with the reason.
 
-  Files that do not decode are kept in cache_dir, keyed by the files' names,
-  sizes and times, so a dataset is decoded in full once, not on every run.
-  Files that could not be read are not taken as bad: they are tried again
-  on every run.
+  The result is kept in cache_dir, keyed by the files' names, sizes and
+  times, so a dataset is decoded in full once, not on every run. Files that
+  could not be read are not taken as bad: they are tried again on every run.
   """
   fingerprint = hashlib.sha256()
   for path in paths:
     fingerprint.update(_file_key(path).encode())
-  cache = os.path.join(cache_dir, 'screened',
+  cache = os.path.join(cache_dir, f'screened_v{_CACHE_VERSION}',
                        fingerprint.hexdigest()[:32] + '.json')
   if os.path.exists(cache):
     with open(cache) as f:
       cached = json.load(f)
-    retried_bad, unreadable = _screen_now(cached.get('unreadable', []))
-    skipped = set(cached['bad']) | set(retried_bad) | set(unreadable)
-    return [path not in skipped for path in paths]
-  bad, unreadable = _screen_now(paths)
+    shapes = [tuple(shape) if shape else None for shape in cached['shapes']]
+    unreadable = set(cached['unreadable'])
+    retried = [i for i, path in enumerate(paths) if path in unreadable]
+    retried_shapes, _ = _screen_now([paths[i] for i in retried])
+    for i, shape in zip(retried, retried_shapes):
+      shapes[i] = shape
+    return shapes
+  shapes, unreadable = _screen_now(paths)
   try:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     with open(cache + '.tmp', 'w') as f:
-      json.dump({'bad': bad, 'unreadable': unreadable}, f)
+      json.dump({'shapes': shapes, 'unreadable': unreadable}, f)
     os.replace(cache + '.tmp', cache)
   except OSError as e:  # a read-only cache only costs time
     logging.warning('cannot keep the screening result in %s: %s', cache, e)
-  skipped = set(bad) | set(unreadable)
-  return [path not in skipped for path in paths]
+  return shapes

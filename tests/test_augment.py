@@ -87,6 +87,22 @@ def test_a_jpeg_window_decoded_in_place_matches_resize_then_crop():
     assert np.abs(window.astype(float) - want).mean() < 3.0
 
 
+def test_windows_found_a_batch_at_a_time_are_those_found_one_at_a_time():
+  """Training finds its crops' windows a batch at a time from the shapes
+  screening recorded; the paper's crops must not change by it."""
+  rng = np.random.default_rng(2)
+  shapes = np.concatenate([rng.integers(1, 600, (100, 2)),
+                           [[1, 1], [256, 256], [3000, 4000], [255, 900]]])
+  top, left = rng.integers(0, 33, (2, len(shapes)))
+  batch = augment.window_in_original(tf.constant(shapes, tf.int32), 256,
+                                     top, left, 224).numpy()
+  for (height, width), y, x, window in zip(shapes, top, left, batch):
+    np.testing.assert_array_equal(window, augment.window_in_original(
+        tf.constant([height, width, 3]), 256, y, x, 224))
+    assert window[0] >= 0 and window[0] + window[2] <= height
+    assert window[1] >= 0 and window[1] + window[3] <= width
+
+
 def test_ten_crops_are_the_corners_centre_and_mirrors():
   image = tf.reshape(tf.range(8 * 8 * 3), (8, 8, 3))
   crops = augment.eval_crops(image, 4, 10).numpy()

@@ -246,6 +246,15 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   # Two epochs of training and a whole evaluation go through.
   batches = _batches(tiny_config, src, 0, 2)
   assert all(b['image'].shape == (7, 64, 64, 3) for b in batches)
+  # Screening recorded each usable file's height and width (in file order:
+  # cmyk, good, grey, huge, png_named, tiny, truncated), and the crops found
+  # from them a batch at a time are those found image by image.
+  shapes = [(120, 160)] * 3 + [(3000, 4000), (120, 160), (1, 2), (120, 160)]
+  np.testing.assert_array_equal(src.shapes, shapes)
+  for got, want in zip(batches, _batches(
+      tiny_config, dataclasses.replace(src, shapes=None), 0, 2)):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
   eval_src = input_pipeline.source(tiny_config, 'validation')
   masks = [b['mask'] for b in input_pipeline.eval_batches(
       tiny_config, eval_src, tiny_config.eval.batch_size)]
@@ -256,6 +265,7 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   with caplog.at_level(logging.WARNING):
     again = input_pipeline.source(tiny_config, 'train')
   assert again.num_local == 7 and 'skipping' not in caplog.text
+  np.testing.assert_array_equal(again.shapes, shapes)
 
 
 def test_the_train_stream_is_the_same_for_any_number_of_processes(
@@ -284,9 +294,9 @@ def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
   folder.mkdir()
   rng = np.random.default_rng(0)
   paths = []
-  for name in ('a.jpeg', 'b.jpeg', 'garbage.jpeg'):
+  for name, height in (('a.jpeg', 40), ('b.jpeg', 30), ('garbage.jpeg', 0)):
     data = (rng.bytes(500) if name == 'garbage.jpeg' else
-            _encode(rng.integers(0, 256, (40, 50, 3), np.uint8)))
+            _encode(rng.integers(0, 256, (height, 50, 3), np.uint8)))
     (folder / name).write_bytes(data)
     paths.append(str(folder / name))
   unreadable = str(folder / 'b.jpeg')
@@ -300,7 +310,7 @@ def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
                       else None)
   cache = str(tmp_path / 'cache')
   with caplog.at_level(logging.WARNING):
-    assert screening.screen(paths, cache) == [True, False, False]
+    assert screening.screen(paths, cache) == [(40, 50), None, None]
   assert f'skipping {unreadable}: permission denied' in caplog.text
   assert f'skipping {paths[2]}: ' in caplog.text
   assert 'Unknown image file format' in caplog.text  # TF's reason, bare
@@ -309,9 +319,9 @@ def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
   monkeypatch.undo()  # readable again, nothing else changed
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    assert screening.screen(paths, cache) == [True, True, False]
+    assert screening.screen(paths, cache) == [(40, 50), (30, 50), None]
   assert 'b.jpeg' not in caplog.text
-  assert screening.screen(paths, cache) == [True, True, False]
+  assert screening.screen(paths, cache) == [(40, 50), (30, 50), None]
 
 
 def test_a_symlink_loop_and_a_dangling_link_are_skipped_with_their_reasons(
