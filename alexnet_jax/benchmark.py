@@ -57,6 +57,7 @@ import numpy as np
 from alexnet_jax import checkpoints
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
+from alexnet_jax import normalization
 from alexnet_jax import parallel
 from alexnet_jax import tf_runtime
 from alexnet_jax import steps
@@ -93,16 +94,27 @@ _THROUGH_TFDS = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config'])
 
 
-def random_batch(config, mesh: jax.sharding.Mesh, seed: int = 0):
-  """A global batch of random uint8 images, labels and lighting, on `mesh`."""
+def random_host_batch(config, count: int,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+  """`count` random uint8 images with labels, lighting shifts and flips, in
+  host memory, as the input pipeline hands a train batch on."""
   rng = np.random.default_rng(seed)
-  n, size = config.batch_size // jax.process_count(), config.image_size
-  return parallel.shard_batch({
-      'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-      'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
-      'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
-      'flip': rng.integers(0, 2, n).astype(bool),
-  }, mesh, steps.mesh_towers(config, mesh))
+  size = config.image_size
+  return {
+      normalization.IMAGE: rng.integers(0, 256, (count, size, size, 3),
+                                        dtype=np.uint8),
+      normalization.LABEL: rng.integers(0, config.model.num_classes,
+                                        count).astype(np.int32),
+      normalization.LIGHTING: rng.normal(0, 3, (count, 3)).astype(np.float32),
+      normalization.FLIP: rng.integers(0, 2, count).astype(bool),
+  }
+
+
+def random_batch(config, mesh: jax.sharding.Mesh, seed: int = 0):
+  """A global batch of random_host_batch, on `mesh`."""
+  return parallel.shard_batch(
+      random_host_batch(config, config.batch_size // jax.process_count(),
+                        seed), mesh, steps.mesh_towers(config, mesh))
 
 
 class _Training:

@@ -7,22 +7,12 @@ import jax
 import numpy as np
 import pytest
 
+from alexnet_jax import benchmark
 from alexnet_jax import errors
 from alexnet_jax import parallel
 from alexnet_jax import steps
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]
-
-
-def _batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  n, size = config.batch_size, config.image_size
-  return {
-      'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-      'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
-      'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
-      'flip': rng.integers(0, 2, n).astype(bool),
-  }
 
 
 def _train(config, data, tower, count=3):
@@ -32,8 +22,7 @@ def _train(config, data, tower, count=3):
   step = steps.make_train_step(config, mesh, steps_per_epoch=100)
   losses = []
   for i in range(count):
-    state, metrics = step(state, parallel.shard_batch(
-        _batch(config, i), mesh, steps.mesh_towers(config, mesh)))
+    state, metrics = step(state, benchmark.random_batch(config, mesh, i))
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state.params)
 
@@ -98,8 +87,7 @@ def _compiled_train_step(config, data, tower) -> str:
   mesh = parallel.make_mesh(config)
   state = steps.create_sharded_train_state(config, mesh)
   step = steps.make_train_step(config, mesh, steps_per_epoch=100)
-  return step.lower(state, parallel.shard_batch(
-      _batch(config), mesh, steps.mesh_towers(config, mesh))
+  return step.lower(state, benchmark.random_batch(config, mesh)
                     ).compile().as_text()
 
 
@@ -342,7 +330,8 @@ def test_device_batches_go_onto_the_mesh_two_ahead_in_order(tiny_config):
   tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  made = [_batch(tiny_config, seed) for seed in range(4)]
+  made = [benchmark.random_host_batch(tiny_config, tiny_config.batch_size,
+                                      seed) for seed in range(4)]
   pulled = []
 
   def source():

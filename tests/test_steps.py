@@ -6,22 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import benchmark
 from alexnet_jax import dataset_stats
 from alexnet_jax import models
 from alexnet_jax import normalization
 from alexnet_jax import parallel
 from alexnet_jax import steps
-
-
-def _batch(config, n, seed=0):
-  rng = np.random.default_rng(seed)
-  size = config.image_size
-  return {
-      'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-      'label': rng.integers(0, config.model.num_classes, n).astype(np.int32),
-      'lighting': rng.normal(0, 3, (n, 3)).astype(np.float32),
-      'flip': rng.integers(0, 2, n).astype(bool),
-  }
 
 
 def test_a_short_training_run_lowers_the_loss(tiny_config):
@@ -30,8 +20,7 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   state = steps.create_sharded_train_state(tiny_config, mesh)
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
-                              steps.mesh_towers(tiny_config, mesh))
+  batch = benchmark.random_batch(tiny_config, mesh)  # 16 images
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -43,8 +32,7 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
 def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
-                              steps.mesh_towers(tiny_config, mesh))
+  batch = benchmark.random_batch(tiny_config, mesh)  # 16 images
   runs = []
   for _ in range(2):
     state = steps.create_sharded_train_state(tiny_config, mesh)
@@ -169,8 +157,7 @@ def test_a_bfloat16_step_follows_the_float32_step_within_rounding(tiny_config):
   layer is held to 128u (25%). Parameters and momentum stay float32."""
   u = 2.0 ** -9
   mesh = parallel.make_mesh(tiny_config)
-  batch = parallel.shard_batch(_batch(tiny_config, 16), mesh,
-                               steps.mesh_towers(tiny_config, mesh))
+  batch = benchmark.random_batch(tiny_config, mesh)  # 16 images
   losses, updates = {}, {}
   for dtype in ('float32', 'bfloat16'):
     tiny_config.dtype = dtype
@@ -203,7 +190,7 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
   tiny_config.dataset.lighting_off_epoch = 1
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  batch = _batch(tiny_config, 16)
+  batch = benchmark.random_host_batch(tiny_config, 16)
   dark = dict(batch, lighting=np.zeros_like(batch['lighting']))
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=1)
   after = {}
@@ -235,7 +222,7 @@ def test_the_device_mirrors_exactly_the_crops_drawn_to_be_flipped(
   same crops mirrored beforehand and not flagged."""
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  batch = _batch(tiny_config, 16)
+  batch = benchmark.random_host_batch(tiny_config, 16)
   assert 0 < batch['flip'].sum() < 16
   mirrored = dict(batch, flip=np.zeros(16, bool), image=np.where(
       batch['flip'][:, None, None, None], batch['image'][:, :, ::-1],
@@ -270,7 +257,7 @@ def test_the_per_pixel_mean_is_the_mean_image_s_centre_in_train_and_eval(
 
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  batch = _batch(tiny_config, 16)
+  batch = benchmark.random_host_batch(tiny_config, 16)
   batch['image'] = rng.integers(0, 200, batch['image'].shape, dtype=np.uint8)
   batch['flip'] = np.zeros(16, bool)  # the shift below is added unmirrored
   crops = rng.integers(0, 200, (3, 10, size, size, 3), dtype=np.uint8)
