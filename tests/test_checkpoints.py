@@ -31,6 +31,13 @@ def flags(data_dir):
   return tiny_flags(data_dir, eval_batch=8)
 
 
+@pytest.fixture
+def flags_config(tiny_config):
+  """The config `flags` give, for a job run in this process."""
+  tiny_config.eval.batch_size = 8
+  return tiny_config
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(flags, tmp_path_factory):
   """The workdir of a run of 4 steps, never stopped (checkpoints 2 and 4)."""
@@ -181,7 +188,6 @@ def _evaluate(config, workdir, checkpoint='latest', **overrides) -> dict:
   adds to workdir's metrics."""
   from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
-  config.eval.batch_size = 8   # as `flags` trained
   config.update_from_flattened_dict(overrides)
   evaluate.run(config, str(workdir), checkpoint=checkpoint)
   return metric_records(workdir)[-1]
@@ -189,10 +195,10 @@ def _evaluate(config, workdir, checkpoint='latest', **overrides) -> dict:
 
 @pytest.mark.parametrize('crops', [1, 10])
 def test_eval_gives_the_same_metrics_on_one_device_and_on_a_2x2_mesh(
-    mesh_trained, tiny_config, crops):
+    mesh_trained, flags_config, crops):
   """Trained on data=2 x tower=2; evaluated there and on one device."""
   one_device, two_by_two = (
-      _evaluate(tiny_config, mesh_trained, **{
+      _evaluate(flags_config, mesh_trained, **{
           'eval.crops': crops, 'mesh.data': data, 'mesh.tower': tower})
       for data, tower in ((1, 1), (2, 2)))
   assert one_device['split'] == f'eval_{crops}crop'
@@ -202,10 +208,10 @@ def test_eval_gives_the_same_metrics_on_one_device_and_on_a_2x2_mesh(
 
 
 def test_an_ensemble_of_two_checkpoints_from_the_command_line(
-    mesh_trained, flags, tiny_config):
+    mesh_trained, flags, flags_config):
   members = []
   for step in (2, 4):
-    members.append(_evaluate(tiny_config, mesh_trained, checkpoint=str(step)))
+    members.append(_evaluate(flags_config, mesh_trained, checkpoint=str(step)))
     assert members[-1]['step'] == step
   result = run_main(*flags, f'--workdir={mesh_trained}', '--mode=eval',
                     '--checkpoint=2', f'--ensemble={mesh_trained}@4')
@@ -272,19 +278,18 @@ BAD_INPUT = {
 
 @pytest.mark.parametrize('case', BAD_INPUT)
 def test_bad_input_is_refused_and_changes_nothing(
-    case, uninterrupted, tiny_config):
+    case, uninterrupted, flags_config):
   """In this process, through the function main runs for the mode (the
   command line turns such an error into its one line and exit status 1, as
   the tests of test_bad_input.py see)."""
   from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
   from alexnet_jax import trainer  # pylint: disable=g-import-not-at-top
   mode, overrides, kwargs, message = BAD_INPUT[case]
-  tiny_config.eval.batch_size = 8   # as `flags` trained it
-  tiny_config.update_from_flattened_dict(overrides)
+  flags_config.update_from_flattened_dict(overrides)
   job = {'train': trainer.train_and_evaluate, 'eval': evaluate.run}[mode]
   before = _snapshot(uninterrupted)
   with pytest.raises(errors.UserError) as refused:
-    job(tiny_config, str(uninterrupted), **kwargs)
+    job(flags_config, str(uninterrupted), **kwargs)
   assert message in str(refused.value)
   assert _snapshot(uninterrupted) == before
 
