@@ -12,7 +12,7 @@ nothing is resampled, and a 256x256 image kept decoded in memory
 Decoding goes by content, not file name: a PNG named .JPEG, grey and CMYK
 JPEGs all become RGB, and a truncated JPEG decodes what is there (the rest
 grey). Files that cannot be decoded at all are screened out before they get
-here (input_pipeline.screen).
+here (screening.py).
 """
 
 from typing import Optional
