@@ -324,7 +324,7 @@ def decoded_in_memory(config, src: Source) -> Source:
       tf.autograph.experimental.do_not_convert(
           lambda data, label: (augment.paper_image(data, side), label)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
-  parts = list(decoded.as_numpy_iterator())
+  parts = list(read_once(decoded).as_numpy_iterator())
   images = tf.constant(np.concatenate([p[0] for p in parts]))
   labels = tf.constant(np.concatenate([p[1] for p in parts]))
   del parts
@@ -512,6 +512,20 @@ def train_dataset(config, src: Source, start_step: int = 0) -> tf.data.Dataset:
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def read_once(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """ds without tf.data's autotuning, for a stream read once and dropped.
+
+  Why: deleting an autotuned iterator waits until the tuning thread wakes
+  from its timed sleep (gdb: RootDataset::Iterator::~Iterator waits on
+  Model::OptimizeLoop), which after JAX steps took 0-5 s, at the end of
+  every evaluation. Without autotuning each parallel map runs one call per
+  core, what autotuning settles on when decoding bounds it.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options)
+
+
 def eval_batches(config, src: Source,
                  global_batch: int) -> Iterator[dict[str, np.ndarray]]:
   """Every example of this process's share exactly once, in full batches.
@@ -527,7 +541,7 @@ def eval_batches(config, src: Source,
       lambda x, y: augment.eval_example(config, x, y)),
                         num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
-  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+  ds = read_once(ds.batch(batch).prefetch(tf.data.AUTOTUNE))
   # A process with no examples left (or none at all) pads from this.
   empty = {k: np.zeros((0,) + tuple(spec.shape[1:]),
                        spec.dtype.as_numpy_dtype)
