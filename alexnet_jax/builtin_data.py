@@ -7,6 +7,7 @@ and one shape of a random colour, size, position and rotation; the class is
 the kind of shape, never its colour, so the network has to learn form.
 """
 
+import concurrent.futures
 import io
 import json
 import math
@@ -123,6 +124,15 @@ def _encode(image: Image.Image, rng: np.random.Generator) -> bytes:
   return buffer.getvalue()
 
 
+def _write_class(folder: str, count: int, rng: np.random.Generator) -> None:
+  """`count` images of the class named by the folder, 00000.jpg on."""
+  kind = os.path.basename(folder)
+  os.makedirs(folder)
+  for i in range(count):
+    with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
+      f.write(_encode(render(kind, rng), rng))
+
+
 def _manifest(seed: int, per_class: dict[str, int]) -> dict:
   return {'version': VERSION, 'seed': seed, 'classes': list(CLASSES),
           'per_class': per_class}
@@ -143,14 +153,17 @@ def ensure(directory: str, seed: int, per_class: dict[str, int]) -> str:
   # copy, and the first to finish moves it into place.
   partial = f'{directory.rstrip("/")}.partial-{os.getpid()}'
   shutil.rmtree(partial, ignore_errors=True)
-  for split_index, (split, count) in enumerate(sorted(per_class.items())):
-    for label, kind in enumerate(CLASSES):
-      folder = os.path.join(partial, split, kind)
-      os.makedirs(folder)
-      rng = np.random.default_rng([seed, split_index, label])
-      for i in range(count):
-        with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
-          f.write(_encode(render(kind, rng), rng))
+  folders = [(os.path.join(partial, split, kind), count,
+              np.random.default_rng([seed, split_index, label]))
+             for split_index, (split, count) in enumerate(
+                 sorted(per_class.items()))
+             for label, kind in enumerate(CLASSES)]
+  # A class folder a thread: drawing and JPEG encoding release the GIL
+  # enough that on 2 cores the quickstart's 7,000 images took 13 s against
+  # 20-24 s in one thread. Each folder has its own generator, so the files
+  # are the same either way.
+  with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    list(pool.map(lambda folder: _write_class(*folder), folders))
   with open(os.path.join(partial, 'manifest.json'), 'w') as f:
     json.dump(manifest, f)
   os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
