@@ -46,10 +46,16 @@ def _screen_file_kinds(
 
   ds = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
       check, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.ignore_errors()
-  return {int(i): (bool(j), bool(c), int(shape[2]),
-                   (int(shape[0]), int(shape[1])))
-          for i, j, c, shape in ds.as_numpy_iterator()}
+  # In batches: taken from tf.data one at a time, the results cost about
+  # as much again as the screening of small images (the quickstart's 6,000
+  # training files: 5.1-5.5 s against 2.4-2.7 s on 2 cores).
+  kinds = {}
+  for indices, jpeg, complete, shapes in ds.ignore_errors().batch(
+      4096).as_numpy_iterator():
+    kinds.update(zip(indices.tolist(), zip(
+        jpeg.tolist(), complete.tolist(), shapes[:, 2].tolist(),
+        map(tuple, shapes[:, :2].tolist()))))
+  return kinds
 
 
 def _unreadable(path: str) -> Optional[str]:
