@@ -519,7 +519,7 @@ def read_once(ds: tf.data.Dataset) -> tf.data.Dataset:
   from its timed sleep (gdb: RootDataset::Iterator::~Iterator waits on
   Model::OptimizeLoop), which after JAX steps took 0-5 s, at the end of
   every evaluation. Without autotuning each parallel map runs one call per
-  core, what autotuning settles on when decoding bounds it.
+  core, the most autotuning would give it.
   """
   options = tf.data.Options()
   options.autotune.enabled = False
