@@ -21,8 +21,8 @@ import pytest  # pylint: disable=g-import-not-at-top
 # The test files, slowest first (CI's --durations on 2 December). With
 # --no-loadscope-reorder (pyproject.toml) the two workers take whole files in
 # this order, so the files still running at the end are short ones and both
-# workers finish together; xdist's own order (most tests first) left one
-# worker idle for about two minutes while the other ran a long file. A file
+# workers finish together. In xdist's own order (most tests first) CI's run
+# took 129 s longer than half its 2,308 s of tests; in this one, 18 s. A file
 # not named here runs last.
 _SLOWEST_FIRST = (
     'test_checkpoints.py', 'test_multi_process.py', 'test_slurm.py',
