@@ -138,7 +138,8 @@ def _examples(config, src, count: int):
           lambda encoded, label, index: dict(
               augment.eval_example(centre, encoded, label), index=index)),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(config.eval.batch_size).prefetch(tf.data.AUTOTUNE)
+  return input_pipeline.read_once(
+      ds.batch(config.eval.batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def first(config, src, count: int) -> dict[str, np.ndarray]:
