@@ -11,13 +11,17 @@ import concurrent.futures
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
+import threading
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from alexnet_jax import config as config_lib
 from alexnet_jax import errors
 
 VERSION = 2
@@ -124,13 +128,21 @@ def _encode(image: Image.Image, rng: np.random.Generator) -> bytes:
   return buffer.getvalue()
 
 
-def _write_class(folder: str, count: int, rng: np.random.Generator) -> None:
-  """`count` images of the class named by the folder, 00000.jpg on."""
-  kind = os.path.basename(folder)
+def _write_class(folder: str, kind: str, count: int,
+                 seed: tuple[int, int, int]) -> None:
+  """`count` images of `kind` in `folder`, 00000.jpg on, from their own
+  random generator, so the files do not depend on the order of the work."""
+  rng = np.random.default_rng(seed)
   os.makedirs(folder)
   for i in range(count):
     with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
       f.write(_encode(render(kind, rng), rng))
+
+
+def _end_on_interrupt() -> None:
+  """A worker's Ctrl-C ends it at once; as a KeyboardInterrupt it would only
+  fail the image at hand and go on to the next class."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _manifest(seed: int, per_class: dict[str, int]) -> dict:
@@ -138,14 +150,66 @@ def _manifest(seed: int, per_class: dict[str, int]) -> dict:
           'per_class': per_class}
 
 
+def settings(config) -> tuple[str, int, dict[str, int]]:
+  """ensure()'s arguments for config's built-in dataset: where it is kept,
+  its seed and its images per class of each split."""
+  per_class = {'train': config.dataset.builtin_train_per_class,
+               'validation': config.dataset.builtin_eval_per_class}
+  directory = os.path.join(
+      config_lib.cache_root(config), f'builtin_v{VERSION}_seed{config.seed}'
+      f'_{per_class["train"]}_{per_class["validation"]}')
+  return directory, config.seed, per_class
+
+
+# Datasets being made in the background (start()), by ensure()'s arguments.
+_started: dict[tuple, concurrent.futures.Future] = {}
+
+
+def _key(directory: str, seed: int, per_class: dict[str, int]) -> tuple:
+  return directory, seed, tuple(sorted(per_class.items()))
+
+
+def start(directory: str, seed: int, per_class: dict[str, int]) -> None:
+  """Begin ensure() in the background; ensure() then waits for it.
+
+  Why: the images are drawn in processes of their own, so a training run
+  that starts this before it loads TensorFlow and JAX (single-threaded and
+  slow: about 20 s on the first run of a fresh install) has the dataset
+  made meanwhile. If the program exits first, it waits for the dataset to
+  be finished, so the work is kept for the next run.
+  """
+  key = _key(directory, seed, per_class)
+  if key in _started:
+    return
+  future = concurrent.futures.Future()
+
+  def make():
+    try:
+      future.set_result(_make(directory, seed, per_class))
+    except BaseException as e:  # pylint: disable=broad-except
+      future.set_exception(e)   # raised by ensure()
+
+  _started[key] = future
+  threading.Thread(target=make, daemon=True).start()
+
+
 def ensure(directory: str, seed: int, per_class: dict[str, int]) -> str:
   """Generate the dataset in `directory` unless it is already there.
 
   per_class: images per class for each split, e.g. {'train': 600,
-  'validation': 100}. Writes directory/SPLIT/CLASS/NNNNN.jpg. Generation
-  goes to a temporary folder renamed at the end, so an interrupted run never
-  leaves a half-made dataset that looks complete. Returns the directory.
+  'validation': 100}. Writes directory/SPLIT/CLASS/NNNNN.jpg. Returns the
+  directory.
   """
+  started = _started.pop(_key(directory, seed, per_class), None)
+  if started is not None:
+    return started.result()
+  return _make(directory, seed, per_class)
+
+
+def _make(directory: str, seed: int, per_class: dict[str, int]) -> str:
+  """ensure()'s work. Generation goes to a temporary folder renamed at the
+  end, so an interrupted run never leaves a half-made dataset that looks
+  complete."""
   manifest = _manifest(seed, per_class)
   if _made_with(directory, manifest):
     return directory
@@ -153,18 +217,25 @@ def ensure(directory: str, seed: int, per_class: dict[str, int]) -> str:
   # copy, and the first to finish moves it into place.
   partial = f'{directory.rstrip("/")}.partial-{os.getpid()}'
   shutil.rmtree(partial, ignore_errors=True)
-  folders = [(os.path.join(partial, split, kind), count,
-              np.random.default_rng([seed, split_index, label]))
+  folders = [(os.path.join(partial, split, kind), kind, count,
+              (seed, split_index, label))
              for split_index, (split, count) in enumerate(
                  sorted(per_class.items()))
              for label, kind in enumerate(CLASSES)]
-  # A class folder a thread: drawing and JPEG encoding release the GIL
-  # enough that on 2 cores the quickstart's 7,000 images took 13 s against
-  # 20-24 s in one thread. Each folder has its own generator, so the files
-  # are the same either way.
-  threads = len(os.sched_getaffinity(0))
-  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    list(pool.map(lambda folder: _write_class(*folder), folders))
+  # A class folder a process: drawing holds Python's lock, so threads of
+  # this process would neither use the cores fully nor run beside its
+  # imports. Spawned, not forked: forking a process that runs TensorFlow's
+  # threads is unsafe.
+  with concurrent.futures.ProcessPoolExecutor(
+      len(os.sched_getaffinity(0)),
+      mp_context=multiprocessing.get_context('spawn'),
+      initializer=_end_on_interrupt) as pool:
+    try:
+      list(pool.map(_write_class, *zip(*folders)))
+    except BaseException:  # Ctrl-C reaches the workers too: stop at once
+      pool.shutdown(wait=False, cancel_futures=True)
+      shutil.rmtree(partial, ignore_errors=True)
+      raise
   with open(os.path.join(partial, 'manifest.json'), 'w') as f:
     json.dump(manifest, f)
   os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)

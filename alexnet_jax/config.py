@@ -126,6 +126,12 @@ NETWORK_KEYS = (
     'resize_size', 'dataset.mean', 'dataset.mean_rgb', 'dataset.stats_file')
 
 
+def cache_root(config) -> str:
+  """Where the built-in dataset and the screening results are kept."""
+  return config.dataset.data_dir or os.path.join(
+      os.path.expanduser('~'), '.cache', 'alexnet_jax')
+
+
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():

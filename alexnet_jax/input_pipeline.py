@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from alexnet_jax import augment
 from alexnet_jax import builtin_data
+from alexnet_jax import config as config_lib
 from alexnet_jax import distributed
 from alexnet_jax import errors
 from alexnet_jax import normalization
@@ -69,11 +70,6 @@ class Source:
   # where screening recorded them (folders), so train crops are found a
   # batch at a time (augment.train_windows).
   shapes: Optional[tf.Tensor] = None
-
-
-def cache_root(config) -> str:
-  return config.dataset.data_dir or os.path.join(
-      os.path.expanduser('~'), '.cache', 'alexnet_jax')
 
 
 def _share(count: int) -> slice:
@@ -173,13 +169,6 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
       lookup, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return Source(examples, len(range(len(paths))[share]), len(paths),
                 class_names, lookup, tf.constant(shapes[good]))
-
-
-def builtin_dir(config) -> str:
-  return os.path.join(
-      cache_root(config), f'builtin_v{builtin_data.VERSION}_seed'
-      f'{config.seed}_{config.dataset.builtin_train_per_class}'
-      f'_{config.dataset.builtin_eval_per_class}')
 
 
 # TFDS warns that a dataset it has not prepared yet has no dataset_info.json;
@@ -282,12 +271,11 @@ def source(config, split: str) -> Source:
   """This process's share of `split` of config.dataset.name."""
   name = config.dataset.name
   if name == 'builtin':
-    directory = builtin_data.ensure(builtin_dir(config), config.seed, {
-        'train': config.dataset.builtin_train_per_class,
-        'validation': config.dataset.builtin_eval_per_class})
-    return _folder_source(directory, split, cache_root(config))
+    directory = builtin_data.ensure(*builtin_data.settings(config))
+    return _folder_source(directory, split, config_lib.cache_root(config))
   if name.startswith('folder:'):
-    return _folder_source(name[len('folder:'):], split, cache_root(config))
+    return _folder_source(name[len('folder:'):], split,
+                          config_lib.cache_root(config))
   return _tfds_source(config, split)
 
 

@@ -14,6 +14,7 @@ from command_line import checkpointed_params
 from command_line import run_main
 from command_line import tiny_flags
 from alexnet_jax import augment
+from alexnet_jax import builtin_data
 from alexnet_jax import figures
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
@@ -79,7 +80,7 @@ def trained(tmp_path_factory, data_dir):
 def _split_files(config, split):
   """The split's files in the order of the dataset's indices: by class (in
   the dataset's class order), then by name."""
-  root = os.path.join(input_pipeline.builtin_dir(config), split)
+  root = os.path.join(builtin_data.settings(config)[0], split)
   return [path for name in input_pipeline.class_names(config)
           for path in sorted(glob.glob(os.path.join(root, name, '*.jpg')))]
 
