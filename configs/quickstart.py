@@ -47,7 +47,7 @@ def get_config():
   config.batch_size = 64
   config.eval.batch_size = 250
   config.eval.crops = 10
-  config.eval_every_steps = 10 * 93   # every tenth epoch of 93 steps
+  config.eval_every_steps = 17 * 93   # halfway: 17 epochs of 93 steps
   config.num_epochs = 34
   config.learning_rate = 0.005
   config.weight_decay = 1e-4
