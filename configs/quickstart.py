@@ -24,7 +24,7 @@ the centre and their mirrors) with their softmax averaged: top-1 error 0.068
 on them against 0.120 on the centre crop alone (--mode=eval
 --config.eval.crops=1), and 0.057 against 0.090 at seed 1. Ten crops are ten
 times the evaluation's work (3.4 s of the 2-core machine's time), so it
-evaluates every tenth epoch and at the end.
+evaluates halfway and at the end.
 
 Its 7,000 images are decoded once and kept in memory at 73x73 (112 MB), so
 the host's cores go to the train step rather than to decoding the same
