@@ -175,8 +175,8 @@ def start(directory: str, seed: int, per_class: dict[str, int]) -> None:
   Why: the images are drawn in processes of their own, so a training run
   that starts this before it loads TensorFlow and JAX (single-threaded and
   slow: about 20 s on the first run of a fresh install) has the dataset
-  made meanwhile. If the program exits first, it waits for the dataset to
-  be finished, so the work is kept for the next run.
+  made meanwhile. A program that exits before ensure() (an error in
+  between) first waits for the drawing to end.
   """
   key = _key(directory, seed, per_class)
   if key in _started:
