@@ -233,7 +233,10 @@ def _make(directory: str, seed: int, per_class: dict[str, int]) -> str:
     try:
       list(pool.map(_write_class, *zip(*folders)))
     except BaseException:  # Ctrl-C reaches the workers too: stop at once
-      pool.shutdown(wait=False, cancel_futures=True)
+      # The folders not begun are dropped; those being written end first
+      # (at once on Ctrl-C), so nothing writes into the partial copy after
+      # it is removed.
+      pool.shutdown(cancel_futures=True)
       shutil.rmtree(partial, ignore_errors=True)
       raise
   with open(os.path.join(partial, 'manifest.json'), 'w') as f:
