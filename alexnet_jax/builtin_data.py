@@ -8,6 +8,8 @@ the kind of shape, never its colour, so the network has to learn form.
 """
 
 import concurrent.futures
+import fcntl
+import glob
 import io
 import json
 import math
@@ -15,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import threading
 
 import numpy as np
@@ -213,19 +216,36 @@ def _make(directory: str, seed: int, per_class: dict[str, int]) -> str:
   manifest = _manifest(seed, per_class)
   if _made_with(directory, manifest):
     return directory
-  # Several processes of one job may get here at once: each writes its own
-  # copy, and the first to finish moves it into place.
-  partial = f'{directory.rstrip("/")}.partial-{os.getpid()}'
-  shutil.rmtree(partial, ignore_errors=True)
+  _remove_abandoned(directory)
+  partial, lock = _locked_partial(directory)
+  try:
+    _write(partial, seed, per_class)
+    with open(os.path.join(partial, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+    try:
+      os.rename(partial, directory)
+    except OSError:
+      shutil.rmtree(partial)
+      if not _made_with(directory, manifest):
+        raise
+  finally:
+    os.close(lock)
+  return directory
+
+
+def _write(partial: str, seed: int, per_class: dict[str, int]) -> None:
+  """Every class folder of every split in `partial`; on a failure, nothing.
+
+  A class folder a process: drawing holds Python's lock, so threads of
+  this process would neither use the cores fully nor run beside its
+  imports. Spawned, not forked: forking a process that runs TensorFlow's
+  threads is unsafe.
+  """
   folders = [(os.path.join(partial, split, kind), kind, count,
               (seed, split_index, label))
              for split_index, (split, count) in enumerate(
                  sorted(per_class.items()))
              for label, kind in enumerate(CLASSES)]
-  # A class folder a process: drawing holds Python's lock, so threads of
-  # this process would neither use the cores fully nor run beside its
-  # imports. Spawned, not forked: forking a process that runs TensorFlow's
-  # threads is unsafe.
   with concurrent.futures.ProcessPoolExecutor(
       len(os.sched_getaffinity(0)),
       mp_context=multiprocessing.get_context('spawn'),
@@ -239,16 +259,49 @@ def _make(directory: str, seed: int, per_class: dict[str, int]) -> str:
       pool.shutdown(cancel_futures=True)
       shutil.rmtree(partial, ignore_errors=True)
       raise
-  with open(os.path.join(partial, 'manifest.json'), 'w') as f:
-    json.dump(manifest, f)
-  os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-  try:
-    os.rename(partial, directory)
-  except OSError:
-    shutil.rmtree(partial)
-    if not _made_with(directory, manifest):
-      raise
-  return directory
+
+
+def _locked_partial(directory: str) -> tuple[str, int]:
+  """A new folder for this process to make the dataset in, and the open
+  descriptor that holds its lock until the process ends.
+
+  Several processes of one job may make the dataset at once, on one host
+  or several sharing the folder: each writes its own copy, and the first to
+  finish moves it into place. The lock tells _remove_abandoned which copies
+  are still being written.
+  """
+  partial = (f'{directory.rstrip("/")}.partial-{socket.gethostname()}'
+             f'-{os.getpid()}')
+  while True:
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    lock = os.open(partial, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if os.stat(partial).st_ino == os.fstat(lock).st_ino:
+        return partial, lock
+    except FileNotFoundError:
+      pass
+    # Another process removed it between makedirs and flock: make it again.
+    os.close(lock)
+
+
+def _remove_abandoned(directory: str) -> None:
+  """Remove the copies of processes that ended before finishing theirs
+  (killed, or interrupted before their clean-up ran): no process holds
+  their lock."""
+  for partial in glob.glob(glob.escape(directory.rstrip('/')) + '.partial-*'):
+    try:
+      lock = os.open(partial, os.O_RDONLY)
+    except OSError:
+      continue  # moved into place or removed meanwhile
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      shutil.rmtree(partial, ignore_errors=True)
+    except OSError:
+      pass  # still being written
+    finally:
+      os.close(lock)
 
 
 def _made_with(directory: str, manifest: dict) -> bool:

@@ -1,6 +1,7 @@
 """The built-in dataset and the tf.data paths that read it."""
 
 import dataclasses
+import fcntl
 import hashlib
 import io
 import logging
@@ -46,6 +47,34 @@ def test_builtin_dataset_is_deterministic_varied_jpegs(tmp_path):
   mtime = os.path.getmtime(os.path.join(a, 'manifest.json'))
   builtin_data.ensure(a, 7, counts)
   assert os.path.getmtime(os.path.join(a, 'manifest.json')) == mtime
+
+
+def test_builtin_dataset_removes_abandoned_copies_not_those_being_written(
+    tmp_path):
+  # A copy whose process was killed holds no lock; one being written (here
+  # by this test, as by a process on another host) does.
+  abandoned = tmp_path / 'data.partial-otherhost-123'
+  being_written = tmp_path / 'data.partial-otherhost-456'
+  for partial in (abandoned, being_written):
+    (partial / 'train' / 'star').mkdir(parents=True)
+    (partial / 'train' / 'star' / '00000.jpg').write_bytes(b'half')
+  lock = os.open(being_written, os.O_RDONLY)
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  try:
+    made = builtin_data.ensure(str(tmp_path / 'data'), 7,
+                               {'train': 1, 'validation': 1})
+  finally:
+    os.close(lock)
+  assert os.path.exists(os.path.join(made, 'manifest.json'))
+  assert sorted(os.listdir(tmp_path)) == ['data', being_written.name]
+
+
+def test_builtin_dataset_whose_drawing_fails_leaves_nothing(tmp_path):
+  # A split name no folder can have makes one worker's os.makedirs fail.
+  with pytest.raises(ValueError, match='null'):
+    builtin_data.ensure(str(tmp_path / 'data'), 7,
+                        {'train': 1, 'bad\0split': 1})
+  assert os.listdir(tmp_path) == []
 
 
 def test_train_batches_have_the_contract_shapes(tiny_config):
