@@ -8,6 +8,7 @@ the kind of shape, never its colour, so the network has to learn form.
 """
 
 import concurrent.futures
+import concurrent.futures.process
 import fcntl
 import glob
 import io
@@ -26,6 +27,7 @@ from PIL import ImageDraw
 
 from alexnet_jax import config as config_lib
 from alexnet_jax import errors
+from alexnet_jax import interrupts
 
 VERSION = 2
 CLASSES = ('circle', 'triangle', 'square', 'pentagon', 'star', 'plus',
@@ -204,9 +206,13 @@ def ensure(directory: str, seed: int, per_class: dict[str, int]) -> str:
   directory.
   """
   started = _started.pop(_key(directory, seed, per_class), None)
-  if started is not None:
-    return started.result()
-  return _make(directory, seed, per_class)
+  try:
+    if started is not None:
+      return started.result()
+    return _make(directory, seed, per_class)
+  except concurrent.futures.process.BrokenProcessPool:
+    interrupts.raise_if_seen()  # Ctrl-C, which ended the workers too
+    raise
 
 
 def _make(directory: str, seed: int, per_class: dict[str, int]) -> str:

@@ -169,14 +169,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from alexnet_jax import builtin_data  # pylint: disable=g-import-not-at-top
   from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import interrupts  # pylint: disable=g-import-not-at-top
   from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
   from alexnet_jax import tf_runtime  # pylint: disable=g-import-not-at-top
+  interrupts.catch()
   try:
     workdir = _check_flags(_MODE.value, _WORKDIR.value)
     if _MODE.value == 'train' and _CONFIG.value.dataset.name == 'builtin':
       # Made meanwhile in other processes: TensorFlow and JAX load on one.
       builtin_data.start(*builtin_data.settings(_CONFIG.value))
     tf_runtime.start()
+    interrupts.raise_if_seen()
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR_ADDRESS.value,
                            _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT_TIMEOUT.value)

@@ -1,6 +1,8 @@
 """The command line, end to end: train, evaluate, meshes, bad config."""
 
+import gc
 import os
+import signal
 
 import pytest
 
@@ -8,6 +10,8 @@ from command_line import checkpointed_params
 from command_line import metric_records
 from command_line import run_main
 from command_line import tiny_flags
+
+from alexnet_jax import interrupts
 
 
 def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
@@ -126,3 +130,30 @@ def test_the_compute_modules_do_not_import_tensorflow():
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO,
                           capture_output=True, text=True, check=True)
   assert result.stdout.strip() == '[]'
+
+
+def test_a_ctrl_c_lost_in_a_garbage_collection_callback_is_still_raised(
+    monkeypatch):
+  # As a Ctrl-C landing in JAX's callback: the KeyboardInterrupt raised
+  # there is reported as ignored, and the program goes on.
+  monkeypatch.setattr(interrupts, '_seen', False)
+  previous = signal.getsignal(signal.SIGINT)
+  raised_in_callback = []
+
+  def callback(phase, info):
+    del info
+    if phase == 'start' and not raised_in_callback:
+      raised_in_callback.append(True)
+      signal.raise_signal(signal.SIGINT)
+
+  interrupts.catch()
+  monkeypatch.setattr('sys.unraisablehook', lambda unraisable: None)
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+    signal.signal(signal.SIGINT, previous)
+  assert raised_in_callback
+  with pytest.raises(KeyboardInterrupt):
+    interrupts.raise_if_seen()
