@@ -8,11 +8,15 @@ libraries load; Python's own errors are raised, not printed, meanwhile.
 GPUs are hidden from TensorFlow so that a full `tensorflow` install never
 takes memory JAX needs. The Python files tf.function writes for tf.data
 (autograph) go to a folder of this process's own, removed at exit or, after
-a kill, by the next run.
+a kill, by the next run. Python's garbage collector is paused while the
+libraries load: the import makes a great many objects and few cycles, and
+a Ctrl-C landing in JAX's collection callback meanwhile would be lost
+(interrupts).
 """
 
 import atexit
 import contextlib
+import gc
 import glob
 import os
 import shutil
@@ -33,6 +37,17 @@ def _stderr_silenced():
   finally:
     os.dup2(saved, 2)
     os.close(saved)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+  was_enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if was_enabled:
+      gc.enable()
 
 
 def _alive(pid: int) -> bool:
@@ -62,7 +77,7 @@ def start() -> None:
   """Load TensorFlow quietly, with no GPU; call before anything imports it."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   _private_temp_dir()
-  with _stderr_silenced():
+  with _stderr_silenced(), _collector_paused():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], 'GPU')
     tf.constant(0)  # the runtime's second library loads at the first op
