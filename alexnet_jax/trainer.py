@@ -14,6 +14,7 @@ from alexnet_jax import errors
 from alexnet_jax import evaluate
 from alexnet_jax import figures
 from alexnet_jax import input_pipeline
+from alexnet_jax import interrupts
 from alexnet_jax import metric_writer
 from alexnet_jax import optimizer
 from alexnet_jax import parallel
@@ -209,6 +210,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
       config, train_src, start_step=step).as_numpy_iterator(), mesh, towers)
   pending, last_log_time, last_log_step = [], time.time(), step
   train_seconds, timed_steps, past_compilation = 0.0, 0, False
+  interrupts.raise_if_seen()  # a Ctrl-C dropped while starting up
   metric_writer.report(
       f'training {config.model.variant} for {total_steps} steps '
       f'({steps_per_epoch} per epoch) from step {step} on mesh '
