@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-from alexnet_jax import errors
+from alexnet_jax.runtime import errors
 
 # The released 2012 code's per-channel ImageNet mean and RGB PCA (0-255 units).
 IMAGENET_MEAN_RGB = (127.3, 119.7, 104.9)
@@ -64,7 +64,7 @@ def default() -> ml_collections.ConfigDict:
   c.dataset.stats_examples = 50000  # --mode=stats: images sampled (0: all)
   c.dataset.shuffle_buffer = 16384
   # Decode each image once to its 256x256 (resize_size) square and keep them
-  # all in memory: for datasets that fit (input_pipeline.decoded_in_memory).
+  # all in memory: for datasets that fit (sources.decoded_in_memory).
   c.dataset.decoded_in_memory = False
   c.dataset.builtin_train_per_class = 600
   c.dataset.builtin_eval_per_class = 100
@@ -250,9 +250,9 @@ def _check_range(config, keys: tuple[str, ...], low: float, high: float,
 
 def validate(config) -> None:
   """Reject values no part of the program can use, naming the key to fix."""
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.model import alexnet  # pylint: disable=g-import-not-at-top
   choices = {
-      'model.variant': (config.model.variant, tuple(models.VARIANTS)),
+      'model.variant': (config.model.variant, tuple(alexnet.VARIANTS)),
       'lr_schedule': (config.lr_schedule, ('plateau', 'piecewise')),
       'eval.crops': (config.eval.crops, (1, 10)),
       'dataset.mean': (config.dataset.mean, ('per_channel', 'per_pixel')),

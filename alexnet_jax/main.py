@@ -20,7 +20,7 @@ Override any config key with --config.KEY=VALUE (e.g. --config.batch_size=256).
 # Run as a program, restart with huge pages before importing anything
 # large (huge_pages.py says why).
 if __name__ == '__main__':
-  from alexnet_jax import huge_pages
+  from alexnet_jax.runtime import huge_pages
   huge_pages.restart_with_huge_pages()
 
 import errno
@@ -32,7 +32,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
-from alexnet_jax import errors
+from alexnet_jax.runtime import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file with get_config().',
@@ -104,7 +104,7 @@ def _check_flags(mode: str, workdir: str) -> str:
   """Refuses flags that do not fit the mode, and a workdir that cannot be
   used, before TensorFlow and JAX take their seconds to load. Returns the
   workdir as an absolute path."""
-  from alexnet_jax import workdir as workdir_lib
+  from alexnet_jax.runtime import workdir as workdir_lib
   if mode != 'eval' and _ENSEMBLE.value:
     raise errors.UserError('--ensemble is for --mode=eval')
   if mode in _LOCKING_MODES and _CHECKPOINT.present:
@@ -124,20 +124,21 @@ def _check_flags(mode: str, workdir: str) -> str:
 
 def _run(mode: str, config, workdir: str) -> None:
   # Imported here so that --help and flag errors stay fast.
-  from alexnet_jax import dataset_tools
-  from alexnet_jax import evaluate
-  from alexnet_jax import export
-  from alexnet_jax import figures
-  from alexnet_jax import predict
-  from alexnet_jax import trainer
-  from alexnet_jax import workdir as workdir_lib
+  from alexnet_jax.data import dataset_tools
+  from alexnet_jax.tools import evaluate
+  from alexnet_jax.tools import export
+  from alexnet_jax.tools import figures
+  from alexnet_jax.tools import predict
+  from alexnet_jax.train import trainer
+  from alexnet_jax.runtime import workdir as workdir_lib
   if mode == 'prepare':
     dataset_tools.check_output(config, workdir)
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
           profile_steps=tuple(map(int, _PROFILE_STEPS.value.split(':')))
-          if _PROFILE_STEPS.value else None),
+          if _PROFILE_STEPS.value else None,
+          eval_images=figures.tensorboard_images),
       'eval': lambda: evaluate.run(
           config, workdir, checkpoint=_CHECKPOINT.value,
           ensemble=tuple(_ENSEMBLE.value),
@@ -167,11 +168,11 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
     logging.set_verbosity(logging.WARNING)
-  from alexnet_jax import builtin_data  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import interrupts  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import preemption  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import tf_runtime  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.runtime import interrupts  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.train import preemption  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.runtime import tf_runtime  # pylint: disable=g-import-not-at-top
   interrupts.catch()
   try:
     workdir = _check_flags(_MODE.value, _WORKDIR.value)

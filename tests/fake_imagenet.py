@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from alexnet_jax import imagenet_archives
+from alexnet_jax.data import imagenet_archives
 
 # The first classes of TFDS's imagenet2012 label order.
 CLASSES = ('n01440764', 'n01443537', 'n01484850')

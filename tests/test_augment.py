@@ -6,9 +6,9 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from alexnet_jax import augment
+from alexnet_jax.data import augment
 from alexnet_jax import config as config_lib
-from alexnet_jax import normalization
+from alexnet_jax.data import device_preprocessing
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -37,14 +37,14 @@ def test_random_crops_reach_all_33x33_offsets_and_flip_half_the_time():
           lambda d: augment.train_example(config, encoded, 0, d),
           num_parallel_calls=tf.data.AUTOTUNE).batch(draws)
   batch = next(examples.as_numpy_iterator())
-  images = batch[normalization.IMAGE].astype(int)
+  images = batch[device_preprocessing.IMAGE].astype(int)
   red = images[:, 0, :, 0]
   left, top = red[:, 0], images[:, 0, 0, 1]
   # Each crop is a contiguous 8x8 window, not mirrored.
   np.testing.assert_array_equal(np.diff(red, axis=1), 1)
   offsets = set(zip(top.tolist(), left.tolist()))
   assert offsets == {(t, l) for t in range(33) for l in range(33)}
-  flipped = batch[normalization.FLIP]
+  flipped = batch[device_preprocessing.FLIP]
   assert abs(flipped.mean() - 0.5) < 0.02       # 4.5 standard deviations
 
 
@@ -55,7 +55,7 @@ def test_pca_lighting_has_the_paper_covariance_and_is_one_shift_per_image():
   assert config.dataset.lighting_std == 0.1
   draws = 40_000
   shifts = augment.train_draws(config, tf.constant([5, 0], tf.int64),
-                               draws)[normalization.LIGHTING].numpy()
+                               draws)[device_preprocessing.LIGHTING].numpy()
   want = eigvecs @ np.diag((0.1 * eigvals) ** 2) @ eigvecs.T
   # Standard error of the mean: 12.2 / sqrt(40000) = 0.06 for the largest.
   np.testing.assert_allclose(shifts.mean(0), 0, atol=0.3)
@@ -63,8 +63,8 @@ def test_pca_lighting_has_the_paper_covariance_and_is_one_shift_per_image():
                              atol=0.02 * want.max())
   # On the device the shift is added to every pixel of its image alike.
   images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), np.uint8)
-  lit = np.asarray(normalization.normalize(images, (1., 2., 3.), shifts[:2]))
-  plain = np.asarray(normalization.normalize(images, (1., 2., 3.)))
+  lit = np.asarray(device_preprocessing.normalize(images, (1., 2., 3.), shifts[:2]))
+  plain = np.asarray(device_preprocessing.normalize(images, (1., 2., 3.)))
   np.testing.assert_allclose(lit - plain,
                              np.broadcast_to(shifts[:2, None, None],
                                              lit.shape), atol=1e-4)
@@ -130,7 +130,7 @@ def test_eval_examples_are_the_centre_windows_of_the_256_image():
 
 
 def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
-  """input_pipeline.decoded_in_memory hands augment the 256x256 image as
+  """sources.decoded_in_memory hands augment the 256x256 image as
   uint8 instead of a file: the same seeds must cut the same crops, and
   evaluation the same crops from any file."""
   config = _config(resize_size=40, image_size=8)

@@ -8,13 +8,14 @@ import sys
 import jax
 import pytest
 
-from alexnet_jax import benchmark
-from alexnet_jax import steps
+from alexnet_jax.benchmark import compute
+from alexnet_jax.benchmark import data
+from alexnet_jax.train import steps
 import command_line
 
 
 def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
-  result = benchmark.time_train_step(tiny_config, warmup=1, repeats=2,
+  result = compute.time_train_step(tiny_config, warmup=1, repeats=2,
                                      steps_per_repeat=1)
   assert len(result['repeats']) == 2 and result['images_per_sec'] > 0
   assert isinstance(result['page_faults_per_step'], int)
@@ -24,7 +25,7 @@ def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
 
 
 def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):
-  result = benchmark.time_checkpoint(tiny_config, repeats=2)
+  result = compute.time_checkpoint(tiny_config, repeats=2)
   assert 0 < result['save_blocking_s'] <= result['save_total_s']
   assert result['restore_s'] > 0
   # Parameters and their momentum: more than the parameters alone.
@@ -34,7 +35,7 @@ def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):
 
 
 def test_end_to_end_benchmark_names_the_slower_of_input_and_step(tiny_config):
-  result = benchmark.time_end_to_end(tiny_config, warmup=1, repeats=2,
+  result = data.time_end_to_end(tiny_config, warmup=1, repeats=2,
                                      steps_per_repeat=2)
   alone = {'input_pipeline': result['input_pipeline_images_per_sec'],
            'train_step': result['train_step_images_per_sec']}

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpoints
+from alexnet_jax.train import checkpoints
 from alexnet_jax import config as config_lib
-from alexnet_jax import errors
-from alexnet_jax import parallel
-from alexnet_jax import steps
+from alexnet_jax.runtime import errors
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
 from command_line import assert_bitwise_equal
 from command_line import checkpointed_params
 from command_line import metric_records
@@ -186,7 +186,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(
 def _evaluate(config, workdir, checkpoint='latest', **overrides) -> dict:
   """evaluate.run in this process, as --mode=eval runs it: the record it
   adds to workdir's metrics."""
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(overrides)
   evaluate.run(config, str(workdir), checkpoint=checkpoint)
@@ -282,8 +282,8 @@ def test_bad_input_is_refused_and_changes_nothing(
   """In this process, through the function main runs for the mode (the
   command line turns such an error into its one line and exit status 1, as
   the tests of test_bad_input.py see)."""
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import trainer  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.train import trainer  # pylint: disable=g-import-not-at-top
   mode, overrides, kwargs, message = BAD_INPUT[case]
   flags_config.update_from_flattened_dict(overrides)
   job = {'train': trainer.train_and_evaluate, 'eval': evaluate.run}[mode]

@@ -21,25 +21,26 @@ from command_line import run_main
 from command_line import start_main
 from command_line import tiny_flags
 from alexnet_jax import config as config_lib
-from alexnet_jax import dataset_stats
-from alexnet_jax import dataset_tools
-from alexnet_jax import errors
-from alexnet_jax import imagenet_archives
-from alexnet_jax import input_pipeline
-from alexnet_jax import normalization
+from alexnet_jax.data import dataset_stats
+from alexnet_jax.data import dataset_tools
+from alexnet_jax.runtime import errors
+from alexnet_jax.data import imagenet_archives
+from alexnet_jax.data import stream
+from alexnet_jax.data import sources
+from alexnet_jax.data import device_preprocessing
 
 
 def test_prepare_writes_a_copy_at_resize_size_that_gives_the_same_batches(
     tiny_config, tmp_path):
   copy = str(tmp_path / 'copy')
   dataset_tools.prepare(tiny_config, copy)
-  original = input_pipeline.source(tiny_config, 'train')
+  original = sources.source(tiny_config, 'train')
   source_name = tiny_config.dataset.name
   tiny_config.dataset.name = f'folder:{copy}'
-  prepared = input_pipeline.source(tiny_config, 'train')
+  prepared = sources.source(tiny_config, 'train')
   assert prepared.class_names == original.class_names
   assert prepared.num_examples == 80
-  assert input_pipeline.source(tiny_config, 'validation').num_examples == 30
+  assert sources.source(tiny_config, 'validation').num_examples == 30
   star = glob.glob(os.path.join(copy, 'train', 'star', '*'))
   assert len(star) == 8
   for f in star:
@@ -48,7 +49,7 @@ def test_prepare_writes_a_copy_at_resize_size_that_gives_the_same_batches(
   np.testing.assert_array_equal(np.bincount(labels), [8] * 10)
   # The first batch is the same examples, crops and flips as the source's,
   # resampled once more: close in pixels, unlike another batch.
-  batches = [next(input_pipeline.train_dataset(tiny_config, source)
+  batches = [next(stream.train_dataset(tiny_config, source)
                   .as_numpy_iterator()) for source in (prepared, original)]
   np.testing.assert_array_equal(batches[0]['label'], batches[1]['label'])
   difference = lambda a, b: np.abs(a.astype(float) - b).mean()
@@ -100,19 +101,19 @@ def test_stats_are_the_mean_and_colour_pca_of_the_images(tiny_config,
   # image per pixel, as the released code subtracted it.
   tiny_config.dataset.stats_file = str(tmp_path / 'work' /
                                        dataset_stats.FILE_NAME)
-  np.testing.assert_allclose(normalization.mean(tiny_config), stats.mean_rgb,
+  np.testing.assert_allclose(device_preprocessing.mean(tiny_config), stats.mean_rgb,
                              rtol=1e-6)
   tiny_config.dataset.mean = 'per_pixel'
   start = (size - tiny_config.image_size) // 2
   np.testing.assert_allclose(
-      normalization.mean(tiny_config),
+      device_preprocessing.mean(tiny_config),
       stats.mean_image[start:start + 64, start:start + 64], rtol=1e-6)
   eigvals, eigvecs = dataset_stats.pca(tiny_config)
   np.testing.assert_array_equal(eigvecs, v)
   (tmp_path / 'bad.npz').write_bytes(b'not numpy')
   tiny_config.dataset.stats_file = str(tmp_path / 'bad.npz')
   with pytest.raises(errors.UserError, match='make it with --mode=stats'):
-    normalization.mean(tiny_config)
+    device_preprocessing.mean(tiny_config)
 
 
 def test_stats_settings_that_cannot_work_are_refused_up_front(tiny_config,
@@ -167,7 +168,7 @@ def test_a_prepare_killed_partway_resumes_to_the_same_copy(tmp_path, data_dir):
       k: v[0] for k, v in uninterrupted.items()}
   finished = {k: v for k, v in before.items() if k.endswith('.jpeg')}
   assert finished and all(after[k][1] == v[1] for k, v in finished.items())
-  assert not (killed / input_pipeline.UNFINISHED_COPY).exists()
+  assert not (killed / sources.UNFINISHED_COPY).exists()
 
 
 def _images_by_class(copy):
@@ -207,7 +208,7 @@ def test_prepare_from_imagenet_s_archives_equals_the_copy_through_tfds(
 
   through_tfds = _imagenet_config(copy.deepcopy(tiny_config),
                                   tmp_path / 'tfds', manual)
-  input_pipeline.source(through_tfds, 'train')  # builds imagenet2012
+  sources.source(through_tfds, 'train')  # builds imagenet2012
   dataset_tools.prepare(through_tfds, str(tmp_path / 'through_tfds'))
   images = _images_by_class(str(tmp_path / 'direct'))
   assert images == _images_by_class(str(tmp_path / 'through_tfds'))
@@ -235,7 +236,7 @@ def test_prepare_from_the_archives_goes_on_where_it_stopped(tiny_config,
   dataset_tools.prepare(config, whole)
   shutil.copytree(whole, resumed)
   os.remove(os.path.join(resumed, 'manifest.json'))
-  open(os.path.join(resumed, input_pipeline.UNFINISHED_COPY), 'w').close()
+  open(os.path.join(resumed, sources.UNFINISHED_COPY), 'w').close()
   lost = sorted(glob.glob(os.path.join(resumed, 'train', '*', '*')))[-5:]
   for path in lost:
     os.remove(path)
@@ -273,7 +274,7 @@ def test_a_damaged_class_tar_stops_prepare_in_one_error_keeping_its_work(
     f.seek(second.offset_data)
     f.write(b'x' * 512)
   config = _imagenet_config(tiny_config, tmp_path / 'no_tfds', manual)
-  with pytest.raises(input_pipeline.DatasetError,
+  with pytest.raises(errors.DatasetError,
                      match='ILSVRC2012_img_train.tar is damaged .* the same '
                            'command goes on from them'):
     dataset_tools.prepare(config, str(tmp_path / 'copy'))

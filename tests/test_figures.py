@@ -13,15 +13,15 @@ import command_line
 from command_line import checkpointed_params
 from command_line import run_main
 from command_line import tiny_flags
-from alexnet_jax import augment
-from alexnet_jax import builtin_data
-from alexnet_jax import figures
-from alexnet_jax import inference
-from alexnet_jax import input_pipeline
-from alexnet_jax import models
-from alexnet_jax import normalization
-from alexnet_jax import parallel
-from alexnet_jax import steps
+from alexnet_jax.data import augment
+from alexnet_jax.data import builtin_data
+from alexnet_jax.tools import figures
+from alexnet_jax.tools import inference
+from alexnet_jax.data import sources
+from alexnet_jax.model import alexnet
+from alexnet_jax.data import device_preprocessing
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
 
 
 def test_the_kernel_grid_holds_each_kernel_tower_by_tower():
@@ -81,7 +81,7 @@ def _split_files(config, split):
   """The split's files in the order of the dataset's indices: by class (in
   the dataset's class order), then by name."""
   root = os.path.join(builtin_data.settings(config)[0], split)
-  return [path for name in input_pipeline.class_names(config)
+  return [path for name in sources.class_names(config)
           for path in sorted(glob.glob(os.path.join(root, name, '*.jpg')))]
 
 
@@ -114,7 +114,7 @@ def test_predict_gives_the_probabilities_of_the_eval_step(trained, data_dir,
                     f'--images={",".join(named[:4])},{folder}')
   lines = [json.loads(line) for line in result.stdout.splitlines()]
   assert [line['image'] for line in lines] == files
-  names = input_pipeline.class_names(config)
+  names = sources.class_names(config)
   for line in lines:
     assert line['step'] == 4 and len(line['top5']) == 5
     probabilities = [p for _, p in line['top5']]
@@ -164,7 +164,7 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
 
   # fc7 of every pool image and query, recomputed here; compare each pair.
   config = command_line.tiny_config(data_dir)
-  model = models.build(config)
+  model = alexnet.build(config)
   fc7_of = jax.jit(lambda images: inference.fc7_features(
       model, params, images, config.dataset.mean_rgb))
   fc7 = lambda images: np.asarray(fc7_of(images))
@@ -176,7 +176,7 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
   pool = fc7(pool_crops)
   # fc7_features checked through the layer after it: fc8 of the features,
   # halved (the paper's dropout at test time), gives the network's logits.
-  logits = jax.jit(model.apply)({'params': params}, normalization.normalize(
+  logits = jax.jit(model.apply)({'params': params}, device_preprocessing.normalize(
       pool_crops, config.dataset.mean_rgb))
   np.testing.assert_allclose(
       0.5 * pool @ params['fc8']['kernel'] + params['fc8']['bias'], logits,
@@ -201,12 +201,12 @@ def test_the_exported_saved_model_gives_the_jax_probabilities(trained,
   export_dir = os.path.join(workdir, 'saved_model')
   config = command_line.tiny_config(data_dir)
   with open(os.path.join(export_dir, 'class_names.txt')) as f:
-    assert tuple(f.read().split()) == input_pipeline.class_names(config)
+    assert tuple(f.read().split()) == sources.class_names(config)
   images = _crops(config, _eval_files(config, 6))
   serve = tf.saved_model.load(export_dir).signatures['serving_default']
   exported = serve(images=tf.constant(images))['probabilities'].numpy()
   want = np.asarray(steps.mean_probabilities(
-      models.build(config), (params,), images, config.dataset.mean_rgb))
+      alexnet.build(config), (params,), images, config.dataset.mean_rgb))
   assert exported.shape == (6, 10)
   np.testing.assert_allclose(exported, want, rtol=1e-4, atol=1e-6)
   assert not np.allclose(want, want[:1])  # the images do differ

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from alexnet_jax import huge_pages
+from alexnet_jax.runtime import huge_pages
 import command_line
 
 # Prints its process ID at every start, then restarts as the programs do.
 _SCRIPT = '''
 import os
 print(os.getpid(), flush=True)
-from alexnet_jax import huge_pages
+from alexnet_jax.runtime import huge_pages
 huge_pages.restart_with_huge_pages()
 print(os.environ.get('GLIBC_TUNABLES'))
 raise SystemExit(3)

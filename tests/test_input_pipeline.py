@@ -12,10 +12,13 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from alexnet_jax import augment
-from alexnet_jax import builtin_data
-from alexnet_jax import input_pipeline
-from alexnet_jax import screening
+from alexnet_jax.data import augment
+from alexnet_jax.data import builtin_data
+from alexnet_jax.data import stream
+from alexnet_jax.data import sources
+from alexnet_jax.data import screening
+from alexnet_jax.runtime import errors
+from alexnet_jax.runtime import host
 
 
 def _digest(directory):
@@ -78,9 +81,9 @@ def test_builtin_dataset_whose_drawing_fails_leaves_nothing(tmp_path):
 
 
 def test_train_batches_have_the_contract_shapes(tiny_config):
-  src = input_pipeline.source(tiny_config, 'train')
+  src = sources.source(tiny_config, 'train')
   assert src.num_examples == 80 and len(src.class_names) == 10
-  batch = next(input_pipeline.train_dataset(tiny_config, src)
+  batch = next(stream.train_dataset(tiny_config, src)
                .as_numpy_iterator())
   assert batch['image'].shape == (16, 64, 64, 3)
   assert batch['image'].dtype == np.uint8
@@ -88,14 +91,14 @@ def test_train_batches_have_the_contract_shapes(tiny_config):
   assert batch['lighting'].shape == (16, 3)
   assert batch['flip'].shape == (16,) and batch['flip'].dtype == bool
   # The stream is the same on a second run with the same seed.
-  again = next(input_pipeline.train_dataset(tiny_config, src)
+  again = next(stream.train_dataset(tiny_config, src)
                .as_numpy_iterator())
   np.testing.assert_array_equal(batch['image'], again['image'])
 
 
 def test_eval_counts_every_example_once_with_a_padded_last_batch(tiny_config):
-  src = input_pipeline.source(tiny_config, 'validation')
-  batches = list(input_pipeline.eval_batches(tiny_config, src, 7))
+  src = sources.source(tiny_config, 'validation')
+  batches = list(stream.eval_batches(tiny_config, src, 7))
   assert src.num_examples == 30
   assert len(batches) == 5                       # 7 + 7 + 7 + 7 + 2
   assert all(b['image'].shape[0] == 7 for b in batches)
@@ -107,11 +110,11 @@ def test_a_process_without_eval_examples_runs_the_others_steps_on_padding(
     tiny_config, monkeypatch):
   """3 examples over 4 processes: the last has none, and must still run as
   many (masked) steps as the others."""
-  src = input_pipeline.source(tiny_config, 'validation')
-  monkeypatch.setattr(input_pipeline.jax, 'process_count', lambda: 4)
+  src = sources.source(tiny_config, 'validation')
+  monkeypatch.setattr(sources.jax, 'process_count', lambda: 4)
   none = dataclasses.replace(src, examples=src.examples.take(0), num_local=0,
                              num_examples=3)
-  batches = list(input_pipeline.eval_batches(tiny_config, none, 4))
+  batches = list(stream.eval_batches(tiny_config, none, 4))
   assert len(batches) == 1
   assert batches[0]['image'].shape == (1, 64, 64, 3)
   np.testing.assert_array_equal(batches[0]['mask'], [0])
@@ -120,9 +123,9 @@ def test_a_process_without_eval_examples_runs_the_others_steps_on_padding(
 def test_missing_folder_dataset_names_the_expected_layout(tiny_config,
                                                          tmp_path):
   tiny_config.dataset.name = f'folder:{tmp_path}/nothing'
-  with pytest.raises(input_pipeline.DatasetError,
+  with pytest.raises(errors.DatasetError,
                      match='<split>/<class name>/<image files>'):
-    input_pipeline.source(tiny_config, 'train')
+    sources.source(tiny_config, 'train')
 
 
 def test_imagenet_without_archives_says_which_files_and_where(tiny_config,
@@ -130,23 +133,23 @@ def test_imagenet_without_archives_says_which_files_and_where(tiny_config,
   tiny_config.dataset.name = 'imagenet2012'
   tiny_config.dataset.data_dir = str(tmp_path / 'tfds')
   tiny_config.dataset.manual_dir = str(tmp_path / 'manual')
-  with pytest.raises(input_pipeline.DatasetError,
+  with pytest.raises(errors.DatasetError,
                      match='ILSVRC2012_img_train.tar.*manual_dir'):
-    input_pipeline.source(tiny_config, 'train')
+    sources.source(tiny_config, 'train')
 
 
 def _batches(config, src, start_step, count):
-  stream = input_pipeline.train_dataset(config, src, start_step)
-  return [b for _, b in zip(range(count), stream.as_numpy_iterator())]
+  batches = stream.train_dataset(config, src, start_step)
+  return [b for _, b in zip(range(count), batches.as_numpy_iterator())]
 
 
 @pytest.mark.parametrize('read', ['random access', 'in order', 'in memory'])
 def test_a_resumed_stream_continues_the_uninterrupted_one(tiny_config, read):
-  src = input_pipeline.source(tiny_config, 'train')
+  src = sources.source(tiny_config, 'train')
   if read == 'in order':   # as a TFDS source reads: no lookup
     src = dataclasses.replace(src, lookup=None)
   if read == 'in memory':   # as the quickstart reads
-    src = input_pipeline.decoded_in_memory(tiny_config, src)
+    src = sources.decoded_in_memory(tiny_config, src)
   # 80 examples, 16 a batch: an epoch is 5 batches; resume inside epoch 0
   # and run on into epoch 1.
   whole = _batches(tiny_config, src, 0, 8)
@@ -177,7 +180,7 @@ def test_an_epoch_order_mixes_the_classes_of_a_folder_in_class_order(
   epoch share a class about as often as chance has it (7 in 79 here), not
   in runs (TensorFlow's default 4 rounds of its shuffle: 0.16 over these
   seeds, 0.08-0.21 each)."""
-  src = input_pipeline.source(tiny_config, 'train')
+  src = sources.source(tiny_config, 'train')
   assert src.num_examples == 80 and tiny_config.batch_size == 16
   same = []
   for seed in (0, 1, 2):
@@ -192,13 +195,13 @@ def test_an_epoch_order_mixes_the_classes_of_a_folder_in_class_order(
 @pytest.mark.parametrize('random_access', [True, False])
 def test_images_kept_decoded_in_memory_are_their_files_256_images(
     tiny_config, random_access):
-  src = input_pipeline.source(tiny_config, 'validation')
+  src = sources.source(tiny_config, 'validation')
   if not random_access:
     src = dataclasses.replace(src, lookup=None)
   tiny_config.dataset.decoded_in_memory = False
-  assert input_pipeline.decoded_in_memory(tiny_config, src) is src
+  assert sources.decoded_in_memory(tiny_config, src) is src
   tiny_config.dataset.decoded_in_memory = True   # as the quickstart has it
-  kept = input_pipeline.decoded_in_memory(tiny_config, src)
+  kept = sources.decoded_in_memory(tiny_config, src)
   want_images, want_labels = _squares(tiny_config, src.examples)
   assert want_images.shape == (30, 73, 73, 3)
   images, labels = (np.stack(a) for a in zip(*kept.examples))
@@ -209,26 +212,26 @@ def test_images_kept_decoded_in_memory_are_their_files_256_images(
       image, label = kept.lookup(tf.constant(index, tf.int64))
       np.testing.assert_array_equal(image, want_images[index])
       assert label == want_labels[index]
-  batches = list(input_pipeline.eval_batches(tiny_config, kept, 7))
+  batches = list(stream.eval_batches(tiny_config, kept, 7))
   assert sum(b['mask'].sum() for b in batches) == 30
   # A process whose share of an in-order source is empty keeps nothing.
   empty = dataclasses.replace(src, examples=src.examples.take(0),
                               num_local=0, lookup=None)
-  assert input_pipeline.decoded_in_memory(tiny_config, empty) is empty
+  assert sources.decoded_in_memory(tiny_config, empty) is empty
 
 
 def test_keeping_images_decoded_refuses_a_quarter_of_memory_or_more(
     tiny_config, monkeypatch):
-  src = input_pipeline.source(tiny_config, 'train')  # 80 of 73x73x3 bytes
-  monkeypatch.setattr(input_pipeline, '_physical_memory',
+  src = sources.source(tiny_config, 'train')  # 80 of 73x73x3 bytes
+  monkeypatch.setattr(host, 'physical_memory',
                       lambda: 4 * 80 * 73 * 73 * 3 - 4)
-  with pytest.raises(input_pipeline.DatasetError,
+  with pytest.raises(errors.DatasetError,
                      match=r'keep 80 images of 73x73 .* more than a quarter '
                            r'.*--config.dataset.decoded_in_memory=False'):
-    input_pipeline.decoded_in_memory(tiny_config, src)
-  monkeypatch.setattr(input_pipeline, '_physical_memory',
+    sources.decoded_in_memory(tiny_config, src)
+  monkeypatch.setattr(host, 'physical_memory',
                       lambda: 4 * 80 * 73 * 73 * 3)
-  assert input_pipeline.decoded_in_memory(tiny_config, src).num_examples == 80
+  assert sources.decoded_in_memory(tiny_config, src).num_examples == 80
 
 
 def _encode(array, fmt='JPEG', mode=None):
@@ -264,7 +267,7 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   tiny_config.dataset.data_dir = str(tmp_path / 'cache')
   tiny_config.batch_size, tiny_config.eval.batch_size = 7, 4
   with caplog.at_level(logging.WARNING):
-    src = input_pipeline.source(tiny_config, 'train')
+    src = sources.source(tiny_config, 'train')
   log = caplog.text
   for name in ('garbage.jpeg', 'empty.jpeg', 'header_then_garbage.jpeg'):
     assert f'skipping {tmp_path}/data/train/thing/{name}' in log
@@ -284,15 +287,15 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
       tiny_config, dataclasses.replace(src, shapes=None), 0, 2)):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
-  eval_src = input_pipeline.source(tiny_config, 'validation')
-  masks = [b['mask'] for b in input_pipeline.eval_batches(
+  eval_src = sources.source(tiny_config, 'validation')
+  masks = [b['mask'] for b in stream.eval_batches(
       tiny_config, eval_src, tiny_config.eval.batch_size)]
   assert sum(m.sum() for m in masks) == 7 and len(masks) == 2
   # The screening result is kept: a second look decodes nothing and logs
   # nothing.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    again = input_pipeline.source(tiny_config, 'train')
+    again = sources.source(tiny_config, 'train')
   assert again.num_local == 7 and 'skipping' not in caplog.text
   np.testing.assert_array_equal(again.shapes, shapes)
 
@@ -301,12 +304,12 @@ def test_the_train_stream_is_the_same_for_any_number_of_processes(
     tiny_config, monkeypatch):
   """Two processes' halves of each batch, put together, are the one-process
   batch: a run can move to more or fewer hosts and see the same data."""
-  src = input_pipeline.source(tiny_config, 'train')
+  src = sources.source(tiny_config, 'train')
   one_process = _batches(tiny_config, src, 1, 3)
   halves = []
-  monkeypatch.setattr(input_pipeline.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(sources.jax, 'process_count', lambda: 2)
   for process in (0, 1):
-    monkeypatch.setattr(input_pipeline.jax, 'process_index', lambda: process)
+    monkeypatch.setattr(sources.jax, 'process_index', lambda: process)
     halves.append(_batches(tiny_config, src, 1, 3))
   for whole, first, second in zip(one_process, *halves):
     assert first['image'].shape[0] == tiny_config.batch_size // 2
@@ -369,7 +372,7 @@ def test_a_symlink_loop_and_a_dangling_link_are_skipped_with_their_reasons(
   tiny_config.dataset.name = f'folder:{tmp_path}/data'
   tiny_config.dataset.data_dir = str(tmp_path / 'cache')
   with caplog.at_level(logging.WARNING):
-    src = input_pipeline.source(tiny_config, 'train')
+    src = sources.source(tiny_config, 'train')
   assert src.num_examples == 6
   assert f'{train}/a/loop.jpeg: too many levels of symbolic links' in (
       caplog.text)
@@ -385,7 +388,7 @@ def test_a_torchvision_style_val_folder_is_the_evaluation_split(
         _encode(np.zeros((40, 50, 3), np.uint8)))
   tiny_config.dataset.name = f'folder:{tmp_path}/data'
   tiny_config.dataset.data_dir = str(tmp_path / 'cache')
-  assert input_pipeline.source(tiny_config, 'validation').num_examples == 1
+  assert sources.source(tiny_config, 'validation').num_examples == 1
 
 
 def test_imagenet_is_built_through_tfds_from_archives_in_its_manual_folder(
@@ -401,7 +404,7 @@ def test_imagenet_is_built_through_tfds_from_archives_in_its_manual_folder(
   tiny_config.dataset.name = 'imagenet2012'
   tiny_config.dataset.data_dir = str(data_dir)
   tiny_config.progress_every_s = 0
-  train = input_pipeline.source(tiny_config, 'train')
+  train = sources.source(tiny_config, 'train')
   shown = capsys.readouterr().out.splitlines()
   assert 'Generating train examples...: 9 examples' in '\n'.join(shown)
   assert any(line.startswith('Generating splits...: 100%|') for line in shown)
@@ -410,7 +413,7 @@ def test_imagenet_is_built_through_tfds_from_archives_in_its_manual_folder(
   labels = sorted(int(y) for _, y in train.examples.as_numpy_iterator())
   assert labels == sorted(
       [train.class_names.index(c) for c in fake_imagenet.CLASSES] * 3)
-  assert input_pipeline.source(tiny_config, 'validation').num_examples == 5
+  assert sources.source(tiny_config, 'validation').num_examples == 5
 
 
 def test_one_class_count_rule_for_training_and_for_looking_at_a_network(
@@ -418,9 +421,9 @@ def test_one_class_count_rule_for_training_and_for_looking_at_a_network(
   """A network with more outputs than the dataset has classes trains, and
   predict, figures and export name the extra outputs; fewer is refused."""
   tiny_config.model.num_classes = 12
-  names = input_pipeline.output_names(tiny_config, builtin_data.CLASSES)
+  names = sources.output_names(tiny_config, builtin_data.CLASSES)
   assert names == builtin_data.CLASSES + ('class 10', 'class 11')
   tiny_config.model.num_classes = 9
-  with pytest.raises(input_pipeline.DatasetError,
+  with pytest.raises(errors.DatasetError,
                      match='has 10 classes but model.num_classes is 9'):
-    input_pipeline.output_names(tiny_config, builtin_data.CLASSES)
+    sources.output_names(tiny_config, builtin_data.CLASSES)

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from alexnet_jax import distributed
+from alexnet_jax.runtime import distributed
 from command_line import REPO
 
 

@@ -11,7 +11,7 @@ from command_line import metric_records
 from command_line import run_main
 from command_line import tiny_flags
 
-from alexnet_jax import interrupts
+from alexnet_jax.runtime import interrupts
 
 
 def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
@@ -121,9 +121,11 @@ def test_the_compute_modules_do_not_import_tensorflow():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from command_line import REPO  # pylint: disable=g-import-not-at-top
-  modules = ('models', 'parallel', 'steps', 'optimizer', 'checkpoints',
-             'normalization', 'dataset_stats', 'config', 'preemption',
-             'distributed', 'workdir', 'benchmark')
+  modules = ('model.alexnet', 'model.parallel', 'train.steps',
+             'train.optimizer', 'train.checkpoints',
+             'data.device_preprocessing', 'data.dataset_stats', 'config',
+             'train.preemption', 'runtime.distributed', 'runtime.workdir',
+             'benchmark.compute', 'benchmark.__main__')
   code = ('import sys\n' + ''.join(f'import alexnet_jax.{m}\n'
                                     for m in modules)
           + 'print(sorted(m for m in sys.modules if m == "tensorflow"))')

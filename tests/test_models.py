@@ -7,20 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import models
-from alexnet_jax import parallel
-from alexnet_jax import xla_cpu
+from alexnet_jax.model import alexnet
+
+from alexnet_jax.model import layers
+from alexnet_jax.model import parallel
+from alexnet_jax.runtime import xla_cpu
 
 
 def _model(variant='paper_2012', **kwargs):
-  v = models.get_variant(variant)
-  return models.AlexNet(variant=v, towers=parallel.Towers(v.towers), **kwargs)
+  v = alexnet.get_variant(variant)
+  return alexnet.AlexNet(variant=v, towers=parallel.Towers(v.towers), **kwargs)
 
 
 def _init(model, image_size):
-  """models.init_params compiled as one computation, as training runs it:
+  """alexnet.init_params compiled as one computation, as training runs it:
   op by op, each parameter's random draw compiled alone (20 s)."""
-  return xla_cpu.jit(lambda: models.init_params(model, jax.random.key(0),
+  return xla_cpu.jit(lambda: alexnet.init_params(model, jax.random.key(0),
                                                 image_size), runs_once=True)()
 
 
@@ -36,13 +38,13 @@ def _lrn_numpy(a, k, n, alpha, beta):
   return b
 
 
-@pytest.mark.parametrize('lrn', [models.LRN(), models.LRN(alpha=1e-4 / 5),
-                                 models.LRN(k=1.0, n=3, alpha=0.5, beta=0.5)])
+@pytest.mark.parametrize('lrn', [layers.LRN(), layers.LRN(alpha=1e-4 / 5),
+                                 layers.LRN(k=1.0, n=3, alpha=0.5, beta=0.5)])
 def test_lrn_matches_the_formula_including_edge_channels(lrn):
   rng = np.random.default_rng(0)
   # Large values so that the normalisation is far from the identity.
   a = rng.normal(0, 60, (2, 3, 3, 7)).astype(np.float32)
-  got = np.asarray(models.local_response_norm(jnp.asarray(a), lrn))
+  got = np.asarray(layers.local_response_norm(jnp.asarray(a), lrn))
   want = _lrn_numpy(a, lrn.k, lrn.n, lrn.alpha, lrn.beta)
   np.testing.assert_allclose(got, want, rtol=2e-6)
   assert not np.allclose(got, a, rtol=1e-2)
@@ -51,8 +53,8 @@ def test_lrn_matches_the_formula_including_edge_channels(lrn):
 def test_same_map_norm_matches_a_direct_sum():
   rng = np.random.default_rng(1)
   a = rng.normal(0, 30, (1, 6, 7, 2)).astype(np.float32)
-  norm = models.SameMapNorm()
-  got = np.asarray(models.same_map_norm(jnp.asarray(a), norm))
+  norm = layers.SameMapNorm()
+  got = np.asarray(layers.same_map_norm(jnp.asarray(a), norm))
   a64 = a.astype(np.float64)
   want = np.empty_like(a64)
   for y in range(6):
@@ -69,15 +71,15 @@ def test_same_map_norm_matches_a_direct_sum():
 def test_parameter_counts(variant, count):
   model = _model(variant)
   params = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), 224))
-  assert models.count_params(params) == count
+      lambda: alexnet.init_params(model, jax.random.key(0), 224))
+  assert alexnet.count_params(params) == count
 
 
 def test_every_layer_output_shape_at_224_pixels():
   model = _model()
   images = jnp.zeros((2, 224, 224, 3))
   params = jax.eval_shape(
-      lambda: models.init_params(model, jax.random.key(0), 224))
+      lambda: alexnet.init_params(model, jax.random.key(0), 224))
 
   def shapes(params):
     _, state = model.apply({'params': params}, images,
@@ -97,21 +99,21 @@ def test_every_layer_output_shape_at_224_pixels():
 
 
 def test_pooling_and_padding_reach_the_paper_sizes():
-  assert models.conv1_padding(224, 'ceil') == ((0, 3), (0, 3))
+  assert layers.conv1_padding(224, 'ceil') == ((0, 3), (0, 3))
   x = jnp.zeros((1, 55, 55, 1))
-  assert models.max_pool(x).shape == (1, 27, 27, 1)
-  assert models.max_pool(models.max_pool(x)).shape == (1, 13, 13, 1)
-  assert models.max_pool(jnp.zeros((1, 13, 13, 1))).shape == (1, 6, 6, 1)
+  assert layers.max_pool(x).shape == (1, 27, 27, 1)
+  assert layers.max_pool(layers.max_pool(x)).shape == (1, 13, 13, 1)
+  assert layers.max_pool(jnp.zeros((1, 13, 13, 1))).shape == (1, 6, 6, 1)
 
 
 @pytest.mark.parametrize('size', [55, 56, 13])
 def test_max_pool_gradient_matches_reduce_window_without_ties(size):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-  weights = jax.random.normal(jax.random.key(1), models.max_pool(x).shape)
+  weights = jax.random.normal(jax.random.key(1), layers.max_pool(x).shape)
   reference = lambda x: jax.lax.reduce_window(
       x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), 'VALID')
-  np.testing.assert_array_equal(models.max_pool(x), reference(x))
-  ours = jax.grad(lambda x: jnp.sum(models.max_pool(x) * weights))(x)
+  np.testing.assert_array_equal(layers.max_pool(x), reference(x))
+  ours = jax.grad(lambda x: jnp.sum(layers.max_pool(x) * weights))(x)
   theirs = jax.grad(lambda x: jnp.sum(reference(x) * weights))(x)
   np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
 
@@ -126,7 +128,7 @@ def test_max_pool_gradient_goes_to_every_tied_maximum():
   for i in range(out):
     for j in range(out):
       expected[2 * i:2 * i + 3, 2 * j:2 * j + 3] += weights[i, j]
-  grad = jax.grad(lambda x: jnp.sum(models.max_pool(x)[0, :, :, 0] * weights))(
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x)[0, :, :, 0] * weights))(
       jnp.ones((1, size, size, 1)))
   np.testing.assert_array_equal(grad[0, :, :, 0], expected)
 
@@ -142,7 +144,7 @@ def test_small_images_and_widths_work():
 def test_initial_statistics_per_layer():
   params = _init(_model(), 224)
   ones = {'conv2', 'conv4', 'conv5', 'fc6', 'fc7'}
-  for layer in models.LAYERS:
+  for layer in alexnet.LAYERS:
     w, b = np.asarray(params[layer]['kernel']), np.asarray(params[layer]['bias'])
     assert abs(w.mean()) < 1e-3, layer
     assert w.std() == pytest.approx(0.01, rel=0.05), layer
@@ -151,8 +153,8 @@ def test_initial_statistics_per_layer():
 
 def test_positive_bias_config_sets_the_paper_bias_layers_only(tiny_config):
   tiny_config.model.positive_bias = 0.1
-  params = _init(models.build(tiny_config), tiny_config.image_size)
-  for layer in models.LAYERS:
+  params = _init(alexnet.build(tiny_config), tiny_config.image_size)
+  for layer in alexnet.LAYERS:
     expected = 0.1 if layer in {'conv2', 'conv4', 'conv5', 'fc6', 'fc7'} else 0
     np.testing.assert_allclose(params[layer]['bias'], expected, err_msg=layer)
 
@@ -210,7 +212,7 @@ def test_dropout_in_the_paper_form_or_pytorch_inverted_form(variant, inverted):
   x = jax.random.uniform(jax.random.key(0), (256, 512), minval=0.5,
                          maxval=2.0)
   drop = lambda rng: model.apply({}, x, rng, 0,
-                                 method=models.AlexNet._dropout)
+                                 method=alexnet.AlexNet._dropout)
   trained, tested = drop(jax.random.key(1)), drop(None)
   kept = trained != 0
   assert 0.45 < kept.mean() < 0.55
@@ -280,4 +282,4 @@ def test_grouped_convolutions_compute_the_same_network():
 
 def test_unknown_variant_is_rejected_with_the_choices():
   with pytest.raises(Exception, match='unknown model.variant .*paper_2012'):
-    models.get_variant('alexnet_v3')
+    alexnet.get_variant('alexnet_v3')

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import optimizer
+from alexnet_jax.train import optimizer
 import configs.paper_2012
 import configs.released_2012
 

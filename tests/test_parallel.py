@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import benchmark
-from alexnet_jax import errors
-from alexnet_jax import parallel
-from alexnet_jax import steps
+from alexnet_jax.benchmark import compute
+from alexnet_jax.runtime import errors
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]
 
@@ -22,7 +22,7 @@ def _train(config, data, tower, count=3):
   step = steps.make_train_step(config, mesh, steps_per_epoch=100)
   losses = []
   for i in range(count):
-    state, metrics = step(state, benchmark.random_batch(config, mesh, i))
+    state, metrics = step(state, compute.random_batch(config, mesh, i))
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state.params)
 
@@ -87,7 +87,7 @@ def _compiled_train_step(config, data, tower) -> str:
   mesh = parallel.make_mesh(config)
   state = steps.create_sharded_train_state(config, mesh)
   step = steps.make_train_step(config, mesh, steps_per_epoch=100)
-  return step.lower(state, benchmark.random_batch(config, mesh)
+  return step.lower(state, compute.random_batch(config, mesh)
                     ).compile().as_text()
 
 
@@ -308,10 +308,10 @@ def test_each_shipped_config_fits_1_2_4_and_8_devices(name):
 def test_evaluation_pads_a_batch_that_does_not_split_and_counts_each_once(
     tiny_config):
   """eval.batch_size 7 on 4 data shards: batches of 8, the same metrics."""
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
   tiny_config.eval.batch_size = 7
-  src = input_pipeline.source(tiny_config, 'validation')
+  src = sources.source(tiny_config, 'validation')
   results = []
   for data in (1, 4):
     tiny_config.mesh.data = data
@@ -330,7 +330,7 @@ def test_device_batches_go_onto_the_mesh_two_ahead_in_order(tiny_config):
   tiny_config.mesh.data, tiny_config.mesh.tower = 2, 2
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  made = [benchmark.random_host_batch(tiny_config, tiny_config.batch_size,
+  made = [compute.random_host_batch(tiny_config, tiny_config.batch_size,
                                       seed) for seed in range(4)]
   pulled = []
 

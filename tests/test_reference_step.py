@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import parallel
-from alexnet_jax import steps
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
 
 
 def _conv(x, kernel, bias, stride, padding):

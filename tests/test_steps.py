@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import benchmark
-from alexnet_jax import dataset_stats
-from alexnet_jax import models
-from alexnet_jax import normalization
-from alexnet_jax import parallel
-from alexnet_jax import steps
+from alexnet_jax.benchmark import compute
+from alexnet_jax.data import dataset_stats
+from alexnet_jax.model import alexnet
+from alexnet_jax.data import device_preprocessing
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
 
 
 def test_a_short_training_run_lowers_the_loss(tiny_config):
@@ -20,7 +20,7 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   state = steps.create_sharded_train_state(tiny_config, mesh)
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  batch = benchmark.random_batch(tiny_config, mesh)  # 16 images
+  batch = compute.random_batch(tiny_config, mesh)  # 16 images
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -32,7 +32,7 @@ def test_a_short_training_run_lowers_the_loss(tiny_config):
 def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
-  batch = benchmark.random_batch(tiny_config, mesh)  # 16 images
+  batch = compute.random_batch(tiny_config, mesh)  # 16 images
   runs = []
   for _ in range(2):
     state = steps.create_sharded_train_state(tiny_config, mesh)
@@ -64,7 +64,7 @@ def test_classification_sums_count_top1_top5_and_skip_masked():
 
 
 def test_eval_step_averages_the_softmax_over_crops(tiny_config):
-  model = models.build(tiny_config)
+  model = alexnet.build(tiny_config)
   mesh = parallel.make_mesh(tiny_config)
   params = steps.create_sharded_train_state(tiny_config, mesh).params
   eval_step = steps.make_eval_step(tiny_config, mesh)
@@ -74,7 +74,7 @@ def test_eval_step_averages_the_softmax_over_crops(tiny_config):
   sums = eval_step((params,), parallel.shard_batch(
       {'image': crops, 'label': labels, 'mask': np.ones(3, np.float32)},
       mesh, steps.mesh_towers(tiny_config, mesh)))
-  flat = normalization.normalize(crops.reshape(30, 64, 64, 3),
+  flat = device_preprocessing.normalize(crops.reshape(30, 64, 64, 3),
                          tiny_config.dataset.mean_rgb)
   probs = jax.nn.softmax(jax.jit(model.apply)({'params': params},
                                                flat)).reshape(3, 10, -1).mean(
@@ -98,8 +98,8 @@ def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
       steps.mesh_towers(tiny_config, mesh))
   eval_step = steps.make_eval_step(tiny_config, mesh)
 
-  model = models.build(tiny_config)  # both towers on one device
-  flat = normalization.normalize(crops.reshape(40, 64, 64, 3),
+  model = alexnet.build(tiny_config)  # both towers on one device
+  flat = device_preprocessing.normalize(crops.reshape(40, 64, 64, 3),
                          tiny_config.dataset.mean_rgb)
   apply = jax.jit(model.apply)
   def probs(params):
@@ -119,7 +119,7 @@ def test_eval_step_of_an_ensemble_averages_the_members_softmax(tiny_config):
 def test_the_eta_uses_this_process_s_rate_and_not_the_absolute_step():
   """Resumed at step 500,000 of 900,810 after 100 timed steps of 0.5 s:
   400,810 steps left at 0.5 s each, not a few seconds."""
-  from alexnet_jax import trainer  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.train import trainer  # pylint: disable=g-import-not-at-top
   assert trainer.eta_text(900_810 - 500_100, 50.0, 100) == (
       f'{400_710 * 0.5 / 60:.1f} min')
   assert trainer.eta_text(10, 0.0, 0) == '?'   # only the compiling interval
@@ -157,7 +157,7 @@ def test_a_bfloat16_step_follows_the_float32_step_within_rounding(tiny_config):
   layer is held to 128u (25%). Parameters and momentum stay float32."""
   u = 2.0 ** -9
   mesh = parallel.make_mesh(tiny_config)
-  batch = benchmark.random_batch(tiny_config, mesh)  # 16 images
+  batch = compute.random_batch(tiny_config, mesh)  # 16 images
   losses, updates = {}, {}
   for dtype in ('float32', 'bfloat16'):
     tiny_config.dtype = dtype
@@ -190,7 +190,7 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
   tiny_config.dataset.lighting_off_epoch = 1
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  batch = benchmark.random_host_batch(tiny_config, 16)
+  batch = compute.random_host_batch(tiny_config, 16)
   dark = dict(batch, lighting=np.zeros_like(batch['lighting']))
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=1)
   after = {}
@@ -209,10 +209,10 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
   images, lighting, mean = batch['image'], batch['lighting'], np.float32(100)
   no_flip = np.zeros(len(images), bool)
   for on in (True, False):
-    got = normalization.normalize_for_training(
+    got = device_preprocessing.normalize_for_training(
         tiny_config, images, mean, lighting, jnp.asarray(on), no_flip)
-    want = (normalization.normalize(images, mean, lighting) / 1.1 if on
-            else normalization.normalize(images, mean))
+    want = (device_preprocessing.normalize(images, mean, lighting) / 1.1 if on
+            else device_preprocessing.normalize(images, mean))
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -222,7 +222,7 @@ def test_the_device_mirrors_exactly_the_crops_drawn_to_be_flipped(
   same crops mirrored beforehand and not flagged."""
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  batch = benchmark.random_host_batch(tiny_config, 16)
+  batch = compute.random_host_batch(tiny_config, 16)
   assert 0 < batch['flip'].sum() < 16
   mirrored = dict(batch, flip=np.zeros(16, bool), image=np.where(
       batch['flip'][:, None, None, None], batch['image'][:, :, ::-1],
@@ -257,7 +257,7 @@ def test_the_per_pixel_mean_is_the_mean_image_s_centre_in_train_and_eval(
 
   mesh = parallel.make_mesh(tiny_config)
   towers = steps.mesh_towers(tiny_config, mesh)
-  batch = benchmark.random_host_batch(tiny_config, 16)
+  batch = compute.random_host_batch(tiny_config, 16)
   batch['image'] = rng.integers(0, 200, batch['image'].shape, dtype=np.uint8)
   batch['flip'] = np.zeros(16, bool)  # the shift below is added unmirrored
   crops = rng.integers(0, 200, (3, 10, size, size, 3), dtype=np.uint8)

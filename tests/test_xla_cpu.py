@@ -2,10 +2,10 @@
 
 import re
 
-from alexnet_jax import benchmark
-from alexnet_jax import parallel
-from alexnet_jax import steps
-from alexnet_jax import xla_cpu
+from alexnet_jax.benchmark import compute
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
+from alexnet_jax.runtime import xla_cpu
 
 
 def _computations(hlo: str) -> dict[str, str]:
@@ -19,7 +19,7 @@ def test_the_train_step_s_convolutions_are_not_ynnpack_fusions(tiny_config):
   mesh = parallel.make_mesh(tiny_config)
   state = steps.create_sharded_train_state(tiny_config, mesh)
   hlo = steps.make_train_step(tiny_config, mesh, steps_per_epoch=10).lower(
-      state, benchmark.random_batch(tiny_config, mesh)).compile().as_text()
+      state, compute.random_batch(tiny_config, mesh)).compile().as_text()
   computations = _computations(hlo)
   ynn = [computations[name] for name in re.findall(
       r'kind=kCustom, calls=%?([\w.-]+).*__ynn_fusion', hlo)]

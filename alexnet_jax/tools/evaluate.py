@@ -1,0 +1,40 @@
+"""--mode=eval: a checkpoint, or an ensemble of them, scored on a split."""
+
+from alexnet_jax.data import sources
+from alexnet_jax.model import parallel
+from alexnet_jax.runtime import console
+from alexnet_jax.tools import inference
+from alexnet_jax.train import evaluation
+from alexnet_jax.train import metric_writer
+from alexnet_jax.train import steps
+
+
+def run(config, workdir: str, checkpoint: str = 'latest',
+        ensemble: tuple[str, ...] = (),
+        allow_config_change: bool = False) -> dict[str, float]:
+  """--mode=eval: evaluate a checkpoint of workdir on any mesh.
+
+  checkpoint: 'latest', 'best' or a step. ensemble: more members as
+  'WORKDIR' or 'WORKDIR@WHICH'; their softmax is averaged with workdir's, as
+  in the paper's 5-network result. The metrics go to workdir's metrics.jsonl
+  at the checkpoint's step.
+  """
+  mesh = parallel.make_mesh(config)
+  specs = (f'{workdir}@{checkpoint}', *ensemble)
+  params, member_steps = zip(*[inference.restore_params(config, mesh, spec,
+                                                 allow_config_change)
+                        for spec in specs])
+  src = sources.training_source(config, config.dataset.eval_split)
+  metrics = evaluation.evaluate_params(config, mesh, steps.make_eval_step(config, mesh),
+                            params, src)
+  step = member_steps[0]
+  split = f'eval_{config.eval.crops}crop'
+  if ensemble:
+    split = f'ensemble{len(specs)}_{config.eval.crops}crop'
+    console.report('ensemble of ' + ', '.join(
+        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, member_steps)))
+  metric_writer.MetricWriter(workdir).write(step, split, metrics)
+  console.report(f'step {step} {split}: ' + ', '.join(
+      f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+      for k, v in sorted(metrics.items())))
+  return metrics

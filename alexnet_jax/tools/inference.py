@@ -1,0 +1,74 @@
+"""A trained network as evaluation, predict, figures and export use it: its
+parameters from a checkpoint, its softmax and its fc7 features."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alexnet_jax.train import checkpoints
+from alexnet_jax import config as config_lib
+from alexnet_jax.runtime import errors
+from alexnet_jax.data import sources
+from alexnet_jax.model import alexnet
+from alexnet_jax.data import device_preprocessing
+from alexnet_jax.model import parallel
+from alexnet_jax.train import steps
+from alexnet_jax.runtime import xla_cpu
+
+
+def restore_params(config, mesh, spec: str, allow_config_change: bool):
+  """The parameters of 'WORKDIR' or 'WORKDIR@WHICH' (latest, best, a step)."""
+  workdir, _, which = spec.partition('@')
+  mngr = checkpoints.manager(workdir, read_only=True)
+  step = checkpoints.find_step(mngr, which or 'latest')
+  try:
+    if not allow_config_change:
+      checkpoints.check_config(mngr, step, config,
+                               only=config_lib.NETWORK_KEYS)
+    state = checkpoints.restore(mngr, steps.abstract_train_state(config, mesh),
+                                step)
+  except checkpoints.DamagedCheckpoint as e:
+    others = [s for s in mngr.all_steps() if s != step]
+    raise checkpoints.DamagedCheckpoint(
+        f'{e}: it is not used. Choose another with --checkpoint=STEP '
+        f'(steps there: {others or "none"})') from e
+  return state.params, step
+
+
+def load(mode: str, config, workdir: str, checkpoint: str,
+         allow_config_change: bool):
+  """(parameters, step, output names) of workdir's checkpoint, for
+  --mode=predict, figures or export, which run in one process."""
+  if jax.process_count() > 1:
+    raise errors.UserError(f'--mode={mode} runs in one process: start it '
+                           f'without --coordinator_address or a launcher')
+  names = sources.output_names(config,
+                                      sources.class_names(config))
+  params, step = restore_params(
+      config, parallel.make_mesh(config), f'{workdir}@{checkpoint}',
+      allow_config_change)
+  return params, step, names
+
+
+def probabilities_fn(config):
+  """A compiled (params, uint8 images or crops) -> softmax, on one device."""
+  model, mean = alexnet.build(config), device_preprocessing.mean(config)
+  return xla_cpu.jit(lambda params, images: steps.mean_probabilities(
+      model, (params,), images, mean))
+
+
+def top5(probabilities: np.ndarray, class_names) -> list[list]:
+  """[[class name, probability], ...], the most probable first."""
+  best = np.argsort(-probabilities, kind='stable')[:5]
+  return [[class_names[i], round(float(probabilities[i]), 6)] for i in best]
+
+
+def fc7_features(model: alexnet.AlexNet, params, images: jax.Array,
+                 mean) -> jax.Array:
+  """The network's last hidden layer (fc7 after its ReLU) for uint8 images."""
+  _, state = model.apply(
+      {'params': params}, device_preprocessing.normalize(images, mean),
+      capture_intermediates=lambda module, method: (
+          module.name == 'fc7' and method == '__call__'))
+  towers = state['intermediates']['fc7']['__call__'][0]
+  return jax.nn.relu(jnp.concatenate(towers, axis=-1))
