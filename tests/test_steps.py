@@ -14,19 +14,23 @@ from alexnet_jax.model import parallel
 from alexnet_jax.train import steps
 
 
-def test_a_short_training_run_lowers_the_loss(tiny_config):
-  """Repeating one batch, the loss must drop well below its start."""
+def test_repeating_one_batch_the_network_memorises_it(tiny_config):
+  """The train step learns: 16 random images with random labels, repeated,
+  are memorised. The bar is far from where rounding moves the trajectory:
+  over seeds 0-5 the loss fell from 2.3 to half between steps 51 and 65 (so
+  a bar at step 60 fails on some CPUs) and below 0.001 by step 200."""
   tiny_config.model.dropout_rate = 0.0
   mesh = parallel.make_mesh(tiny_config)
   state = steps.create_sharded_train_state(tiny_config, mesh)
   step = steps.make_train_step(tiny_config, mesh, steps_per_epoch=100)
   batch = compute.random_batch(tiny_config, mesh)  # 16 images
   losses = []
-  for _ in range(60):
+  for _ in range(200):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
-  assert int(state.step) == 60
-  assert losses[-1] < 0.5 * losses[0], losses
+  assert int(state.step) == 200
+  assert losses[0] > 2.0, losses[0]   # ten classes at chance: ln 10 = 2.30
+  assert losses[-1] < 0.1, losses[-1::-20]
 
 
 def test_train_step_is_deterministic_and_uses_dropout(tiny_config):
