@@ -40,7 +40,7 @@ def default() -> ml_collections.ConfigDict:
   c.model.positive_bias = 1.0
   # Two towers on one device: one grouped convolution (feature_group_count=2)
   # for conv2, conv4 and conv5 instead of one per tower. The same network;
-  # on CPU the separate convolutions are faster (README, train step speed).
+  # on CPU the separate convolutions are faster (docs/design.md).
   c.model.grouped_convolutions = False
 
   c.dataset = ml_collections.ConfigDict()
@@ -77,7 +77,7 @@ def default() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.bias_lr_multiplier = 1.0
-  c.bias_weight_decay = False      # the released code's; see the README
+  c.bias_weight_decay = False      # the released code's (docs/fidelity.md)
   c.lr_schedule = 'plateau'        # or 'piecewise'
   c.lr_factor = 0.1
   c.warmup_epochs = 0.0            # linear warm-up; the paper has none

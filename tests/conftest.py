@@ -9,7 +9,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # JAX's compilation cache, shared by this process, both workers and every
 # command the tests start (they inherit os.environ): most tests compile the
-# same tiny steps, and a command with a warm cache took 12 s against 26.
+# same tiny steps, and a warm cache halves such a command's time.
 # The size limit makes JAX lock the folder (filelock) for concurrent jobs.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     command_line.REPO, '.pytest_cache', 'jax_compilation_cache'))
@@ -18,12 +18,11 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-# The test files, slowest first (CI's --durations on 2 December). With
+# The test files, slowest first (as CI's --durations=0 lists them). With
 # --no-loadscope-reorder (pyproject.toml) the two workers take whole files in
 # this order, so the files still running at the end are short ones and both
-# workers finish together. In xdist's own order (most tests first) CI's run
-# took 129 s longer than half its 2,308 s of tests; in this one, 18 s. A file
-# not named here runs last.
+# workers finish together; in xdist's own order (most tests first) one
+# worker sat idle for minutes at the end. A file not named here runs last.
 _SLOWEST_FIRST = (
     'test_checkpoints.py', 'test_multi_process.py', 'test_slurm.py',
     'test_parallel.py', 'test_main.py', 'test_bad_input.py',

@@ -6,8 +6,9 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from alexnet_jax.data import augment
 from alexnet_jax import config as config_lib
+from alexnet_jax.data import augment
+from alexnet_jax.data import dataset_stats
 from alexnet_jax.data import device_preprocessing
 
 
@@ -23,6 +24,12 @@ def _config(resize_size, image_size):
   return config
 
 
+def _draws(config, seed, count):
+  return augment.train_draws(augment.Crops.of(config), seed, count,
+                             dataset_stats.pca(config),
+                             config.dataset.lighting_std)
+
+
 def test_random_crops_reach_all_33x33_offsets_and_flip_half_the_time():
   """The host cuts the crops; the flip travels with each one for the device
   (test_steps checks that it mirrors them)."""
@@ -33,8 +40,8 @@ def test_random_crops_reach_all_33x33_offsets_and_flip_half_the_time():
   encoded = tf.constant(_png(np.stack([x, y, 0 * x], -1).astype(np.uint8)))
   draws = 20_000
   examples = tf.data.Dataset.from_tensor_slices(
-      augment.train_draws(config, tf.constant([3, 0], tf.int64), draws)).map(
-          lambda d: augment.train_example(config, encoded, 0, d),
+      _draws(config, tf.constant([3, 0], tf.int64), draws)).map(
+          lambda d: augment.train_example(augment.Crops.of(config), encoded, 0, d),
           num_parallel_calls=tf.data.AUTOTUNE).batch(draws)
   batch = next(examples.as_numpy_iterator())
   images = batch[device_preprocessing.IMAGE].astype(int)
@@ -54,8 +61,7 @@ def test_pca_lighting_has_the_paper_covariance_and_is_one_shift_per_image():
   eigvecs = np.asarray(config.dataset.pca_eigvecs)
   assert config.dataset.lighting_std == 0.1
   draws = 40_000
-  shifts = augment.train_draws(config, tf.constant([5, 0], tf.int64),
-                               draws)[device_preprocessing.LIGHTING].numpy()
+  shifts = _draws(config, tf.constant([5, 0], tf.int64), draws)[device_preprocessing.LIGHTING].numpy()
   want = eigvecs @ np.diag((0.1 * eigvals) ** 2) @ eigvecs.T
   # Standard error of the mean: 12.2 / sqrt(40000) = 0.06 for the largest.
   np.testing.assert_allclose(shifts.mean(0), 0, atol=0.3)
@@ -120,12 +126,12 @@ def test_eval_examples_are_the_centre_windows_of_the_256_image():
   config.eval.crops = 10
   y, x = np.mgrid[0:60, 0:40]   # portrait: the centre square is rows 10-50
   encoded = tf.constant(_png(np.stack([x, y, 0 * x], -1).astype(np.uint8)))
-  ten = augment.eval_example(config, encoded, 0)['image'].numpy()
+  ten = augment.eval_example(augment.Crops.of(config), encoded, 0)['image'].numpy()
   assert ten.shape == (10, 8, 8, 3)
   assert [(c[0, 0, 1], c[0, 0, 0]) for c in ten[:5]] == [
       (10, 0), (10, 32), (42, 0), (42, 32), (26, 16)]
   config.eval.crops = 1
-  centre = augment.eval_example(config, encoded, 0)['image'].numpy()
+  centre = augment.eval_example(augment.Crops.of(config), encoded, 0)['image'].numpy()
   np.testing.assert_array_equal(centre, ten[4])
 
 
@@ -136,11 +142,11 @@ def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
   config = _config(resize_size=40, image_size=8)
   square = np.random.default_rng(2).integers(0, 256, (40, 40, 3), np.uint8)
   encoded, decoded = tf.constant(_png(square)), tf.constant(square)
-  draws = augment.train_draws(config, tf.constant([5, 0], tf.int64), 50)
+  draws = _draws(config, tf.constant([5, 0], tf.int64), 50)
   for i in range(50):
     one = {key: value[i] for key, value in draws.items()}
-    from_file = augment.train_example(config, encoded, 3, one)
-    from_memory = augment.train_example(config, decoded, 3, one)
+    from_file = augment.train_example(augment.Crops.of(config), encoded, 3, one)
+    from_memory = augment.train_example(augment.Crops.of(config), decoded, 3, one)
     for key in from_file:
       np.testing.assert_array_equal(from_file[key], from_memory[key])
   larger = tf.constant(_png(np.random.default_rng(3).integers(
@@ -149,5 +155,5 @@ def test_a_256_image_kept_decoded_gives_the_crops_its_file_gives():
   for crops in (1, 10):
     config.eval.crops = crops
     np.testing.assert_array_equal(
-        augment.eval_example(config, larger, 3)['image'],
-        augment.eval_example(config, kept, 3)['image'])
+        augment.eval_example(augment.Crops.of(config), larger, 3)['image'],
+        augment.eval_example(augment.Crops.of(config), kept, 3)['image'])

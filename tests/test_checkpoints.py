@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from alexnet_jax.train import checkpoints
 from alexnet_jax import config as config_lib
-from alexnet_jax.runtime import errors
 from alexnet_jax.model import parallel
+from alexnet_jax.runtime import errors
+from alexnet_jax.train import checkpoints
 from alexnet_jax.train import steps
 from command_line import assert_bitwise_equal
 from command_line import checkpointed_params

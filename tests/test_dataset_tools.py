@@ -23,11 +23,11 @@ from command_line import tiny_flags
 from alexnet_jax import config as config_lib
 from alexnet_jax.data import dataset_stats
 from alexnet_jax.data import dataset_tools
-from alexnet_jax.runtime import errors
-from alexnet_jax.data import imagenet_archives
-from alexnet_jax.data import stream
-from alexnet_jax.data import sources
 from alexnet_jax.data import device_preprocessing
+from alexnet_jax.data import imagenet_archives
+from alexnet_jax.data import sources
+from alexnet_jax.data import stream
+from alexnet_jax.runtime import errors
 
 
 def test_prepare_writes_a_copy_at_resize_size_that_gives_the_same_batches(

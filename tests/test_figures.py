@@ -15,12 +15,12 @@ from command_line import run_main
 from command_line import tiny_flags
 from alexnet_jax.data import augment
 from alexnet_jax.data import builtin_data
-from alexnet_jax.tools import figures
-from alexnet_jax.tools import inference
+from alexnet_jax.data import device_preprocessing
 from alexnet_jax.data import sources
 from alexnet_jax.model import alexnet
-from alexnet_jax.data import device_preprocessing
 from alexnet_jax.model import parallel
+from alexnet_jax.tools import figures
+from alexnet_jax.tools import inference
 from alexnet_jax.train import steps
 
 
@@ -92,7 +92,7 @@ def _eval_files(config, count):
 
 def _crops(config, files):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return np.stack([augment.eval_example(config, tf.io.read_file(f), 0)[
+  return np.stack([augment.eval_example(augment.Crops.of(config), tf.io.read_file(f), 0)[
       'image'].numpy() for f in files])
 
 

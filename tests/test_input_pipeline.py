@@ -14,9 +14,9 @@ import tensorflow as tf
 
 from alexnet_jax.data import augment
 from alexnet_jax.data import builtin_data
-from alexnet_jax.data import stream
-from alexnet_jax.data import sources
 from alexnet_jax.data import screening
+from alexnet_jax.data import sources
+from alexnet_jax.data import stream
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import host
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from alexnet_jax.benchmark import compute
-from alexnet_jax.runtime import errors
 from alexnet_jax.model import parallel
+from alexnet_jax.runtime import errors
 from alexnet_jax.train import steps
 
 MESHES = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)]

@@ -8,8 +8,8 @@ import numpy as np
 
 from alexnet_jax.benchmark import compute
 from alexnet_jax.data import dataset_stats
-from alexnet_jax.model import alexnet
 from alexnet_jax.data import device_preprocessing
+from alexnet_jax.model import alexnet
 from alexnet_jax.model import parallel
 from alexnet_jax.train import steps
 
@@ -209,12 +209,12 @@ def test_the_lighting_is_turned_off_at_its_epoch_and_rescales_the_crop(
                          after[0][1]['conv1']['kernel'])
   jax.tree.map(np.testing.assert_array_equal, *after[1])
 
-  tiny_config.dataset.lighting_rescale = True
   images, lighting, mean = batch['image'], batch['lighting'], np.float32(100)
   no_flip = np.zeros(len(images), bool)
   for on in (True, False):
     got = device_preprocessing.normalize_for_training(
-        tiny_config, images, mean, lighting, jnp.asarray(on), no_flip)
+        images, mean, lighting, jnp.asarray(on), no_flip,
+        rescale_std=tiny_config.dataset.lighting_std)
     want = (device_preprocessing.normalize(images, mean, lighting) / 1.1 if on
             else device_preprocessing.normalize(images, mean))
     np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -4,8 +4,8 @@ import re
 
 from alexnet_jax.benchmark import compute
 from alexnet_jax.model import parallel
-from alexnet_jax.train import steps
 from alexnet_jax.runtime import xla_cpu
+from alexnet_jax.train import steps
 
 
 def _computations(hlo: str) -> dict[str, str]:

@@ -41,9 +41,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from alexnet_jax import config as config_lib
 from alexnet_jax.benchmark import compute
 from alexnet_jax.benchmark import data
-from alexnet_jax import config as config_lib
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import tf_runtime
 

@@ -32,7 +32,8 @@ def random_host_batch(config, count: int,
                                         dtype=np.uint8),
       device_preprocessing.LABEL: rng.integers(0, config.model.num_classes,
                                         count).astype(np.int32),
-      device_preprocessing.LIGHTING: rng.normal(0, 3, (count, 3)).astype(np.float32),
+      device_preprocessing.LIGHTING: rng.normal(
+          0, 3, (count, 3)).astype(np.float32),
       device_preprocessing.FLIP: rng.integers(0, 2, count).astype(bool),
   }
 

@@ -15,11 +15,12 @@ grey). Files that cannot be decoded at all are screened out before they get
 here (screening.py).
 """
 
+import dataclasses
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
-from alexnet_jax.data import dataset_stats
 from alexnet_jax.data import device_preprocessing
 
 
@@ -136,32 +137,49 @@ def paper_image(encoded: tf.Tensor, resize_size: int) -> tf.Tensor:
   return decode_window(encoded, resize_size, 0, 0, resize_size)
 
 
-# The keys of train_draws: one image's crop offsets (and device_preprocessing.FLIP
-# and LIGHTING, which the device applies); WINDOW is the crop in the
+# The keys of train_draws: one image's crop offsets (and
+# device_preprocessing.FLIP and LIGHTING, which the device applies); WINDOW
+# is the crop in the
 # original image, where train_windows found it.
 TOP, LEFT, WINDOW = 'top', 'left', 'window'
 
 
-def train_draws(config, seed: tf.Tensor, count: int) -> dict[str, tf.Tensor]:
+@dataclasses.dataclass(frozen=True)
+class Crops:
+  """What augmentation cuts: image_size crops of the resize_size square,
+  and for evaluation the centre one (eval_crops=1) or the paper's 10."""
+  resize_size: int
+  image_size: int
+  eval_crops: int = 1
+
+  @classmethod
+  def of(cls, config) -> 'Crops':
+    return cls(config.resize_size, config.image_size, config.eval.crops)
+
+
+def train_draws(crops: Crops, seed: tf.Tensor, count: int,
+                pca: tuple[np.ndarray, np.ndarray],
+                lighting_std: float) -> dict[str, tf.Tensor]:
   """The random part of `count` images' augmentation, drawn at once.
 
   Per image: every image_size crop offset of the 256x256 image equally
-  likely (TOP, LEFT), a flip with p=0.5 (device_preprocessing.FLIP), and the PCA
-  lighting shift V (alpha * s), alpha ~ N(0, lighting_std)
-  (device_preprocessing.LIGHTING); the device applies the last two. Drawn a batch
-  at a time because drawn an image at a time these few numbers cost about a
-  tenth of the host's time per image.
+  likely (TOP, LEFT), a flip with p=0.5 (device_preprocessing.FLIP), and
+  the PCA lighting shift V (alpha * s), alpha ~ N(0, lighting_std), where
+  pca = (s, V) (dataset_stats.pca) (device_preprocessing.LIGHTING); the
+  device applies the last two. Drawn a batch at a time because drawn an
+  image at a time these few numbers cost about a tenth of the host's time
+  per image.
   """
   crop_seed, flip_seed, light_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
   top, left = tf.unstack(tf.random.stateless_uniform(
       [2, count], crop_seed,
-      maxval=config.resize_size - config.image_size + 1, dtype=tf.int32))
+      maxval=crops.resize_size - crops.image_size + 1, dtype=tf.int32))
   flip = tf.random.stateless_uniform([count], flip_seed, maxval=2,
                                      dtype=tf.int32) > 0
-  eigvals, eigvecs = dataset_stats.pca(config)
+  eigvals, eigvecs = pca
   alpha = tf.random.stateless_normal([count, 3], light_seed,
-                                     stddev=config.dataset.lighting_std)
+                                     stddev=lighting_std)
   lighting = tf.linalg.matmul(alpha * tf.constant(eigvals, tf.float32),
                               tf.constant(eigvecs, tf.float32),
                               transpose_b=True)
@@ -169,19 +187,20 @@ def train_draws(config, seed: tf.Tensor, count: int) -> dict[str, tf.Tensor]:
           device_preprocessing.LIGHTING: lighting}
 
 
-def train_windows(config, draws, shapes) -> dict[str, tf.Tensor]:
+def train_windows(crops: Crops, draws, shapes) -> dict[str, tf.Tensor]:
   """`draws` (rows of train_draws) with each crop's WINDOW in its original
   image, from the images' [height, width] `shapes` (B, 2), found a batch at
   a time."""
   return {**draws, WINDOW: window_in_original(
-      shapes, config.resize_size, draws[TOP], draws[LEFT], config.image_size)}
+      shapes, crops.resize_size, draws[TOP], draws[LEFT], crops.image_size)}
 
 
-def train_example(config, encoded, label, draws) -> dict[str, tf.Tensor]:
+def train_example(crops: Crops, encoded, label,
+                  draws) -> dict[str, tf.Tensor]:
   """One image's crop, with the flip and lighting the device applies to
   it, as `draws` (one image's row of train_draws or train_windows) says."""
-  size = config.image_size
-  image = decode_window(encoded, config.resize_size, draws[TOP], draws[LEFT],
+  size = crops.image_size
+  image = decode_window(encoded, crops.resize_size, draws[TOP], draws[LEFT],
                         size, draws.get(WINDOW))
   return {device_preprocessing.IMAGE: image,
           device_preprocessing.LABEL: tf.cast(label, tf.int32),
@@ -203,14 +222,14 @@ def eval_crops(image: tf.Tensor, size: int, crops: int) -> tf.Tensor:
   return tf.concat([five, tf.reverse(five, axis=[2])], axis=0)
 
 
-def eval_example(config, encoded, label) -> dict[str, tf.Tensor]:
+def eval_example(crops: Crops, encoded, label) -> dict[str, tf.Tensor]:
   """The 256x256 image's centre crop or 10 crops.
 
   Both are cut from the whole 256x256 image, so an image file and the same
   image kept decoded in memory give the same crops, and predict gives what
   evaluation gave.
   """
-  square = paper_image(encoded, config.resize_size)
-  return {device_preprocessing.IMAGE: eval_crops(square, config.image_size,
-                                          config.eval.crops),
+  square = paper_image(encoded, crops.resize_size)
+  return {device_preprocessing.IMAGE: eval_crops(square, crops.image_size,
+                                                 crops.eval_crops),
           device_preprocessing.LABEL: tf.cast(label, tf.int32)}

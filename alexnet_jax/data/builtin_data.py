@@ -27,6 +27,7 @@ from PIL import ImageDraw
 
 from alexnet_jax import config as config_lib
 from alexnet_jax.runtime import errors
+from alexnet_jax.runtime import files
 from alexnet_jax.runtime import interrupts
 
 VERSION = 2
@@ -283,13 +284,9 @@ def _locked_partial(directory: str) -> tuple[str, int]:
     os.makedirs(partial)
     lock = os.open(partial, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if os.stat(partial).st_ino == os.fstat(lock).st_ino:
-        return partial, lock
-    except FileNotFoundError:
-      pass
-    # Another process removed it between makedirs and flock: make it again.
-    os.close(lock)
+    if files.still_at(partial, lock):
+      return partial, lock
+    os.close(lock)  # another process removed it meanwhile: make it again
 
 
 def _remove_abandoned(directory: str) -> None:

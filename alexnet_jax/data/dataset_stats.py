@@ -3,8 +3,8 @@
 `--mode=stats` writes WORKDIR/dataset_stats.npz; pointing
 --config.dataset.stats_file at it makes training and evaluation use the
 measured values instead of the released ImageNet ones (the mean that is
-subtracted is device_preprocessing.mean). No TensorFlow here: the train step needs
-the mean on machines without it.
+subtracted is device_preprocessing.mean). No TensorFlow here: the train step
+needs the mean on machines without it.
 """
 
 import dataclasses

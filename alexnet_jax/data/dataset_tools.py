@@ -18,14 +18,14 @@ import tensorflow as tf
 
 from alexnet_jax.data import augment
 from alexnet_jax.data import dataset_stats
+from alexnet_jax.data import imagenet_archives
+from alexnet_jax.data import sources
+from alexnet_jax.data import stream
+from alexnet_jax.runtime import console
 from alexnet_jax.runtime import distributed
 from alexnet_jax.runtime import errors
-from alexnet_jax.data import imagenet_archives
-from alexnet_jax.data import stream
-from alexnet_jax.data import sources
-from alexnet_jax.runtime import progress
-from alexnet_jax.runtime import console
 from alexnet_jax.runtime import files
+from alexnet_jax.runtime import progress
 
 JPEG_QUALITY = 95
 
@@ -140,7 +140,8 @@ def _prepare_split_from_archive(config, manual: str, split: str,
       return True
     return False
 
-  shown = progress.Progress(config.progress_every_s, f'{split}: writing', share_bytes,
+  shown = progress.Progress(config.progress_every_s, f'{split}: writing',
+                            share_bytes,
                             archive=imagenet_archives.SPLITS[split])
   items, reading = imagenet_archives.dataset(manual, split, done)
   written = _write(config, items, folder, shown)
@@ -237,7 +238,8 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   ds = ds.batch(64)
   size = config.resize_size
   image_sum, outer_sum, count = np.zeros((size, size, 3)), np.zeros((3, 3)), 0
-  shown = progress.Progress(config.progress_every_s, 'statistics', src.num_examples if (
+  shown = progress.Progress(
+      config.progress_every_s, 'statistics', src.num_examples if (
       config.dataset.stats_examples <= 0) else min(
           config.dataset.stats_examples, src.num_examples))
   for images, outer in ds.as_numpy_iterator():

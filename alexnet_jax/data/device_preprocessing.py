@@ -8,6 +8,8 @@ a tf.cond and a copy: about a twentieth of the host's time per image.) A
 batch is a dict with these keys:
 """
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,17 +44,17 @@ def mean(config) -> np.ndarray:
   return stats.mean_image[top:top + size, top:top + size].astype(np.float32)
 
 
-def normalize_for_training(config, images: jax.Array, mean, lighting,
-                           lighting_on: jax.Array,
-                           flip: jax.Array) -> jax.Array:
+def normalize_for_training(images: jax.Array, mean, lighting,
+                           lighting_on: jax.Array, flip: jax.Array,
+                           rescale_std: Optional[float] = None) -> jax.Array:
   """normalize the crops, each mirrored where `flip`, with lighting while
-  `lighting_on`, and the released code's division of the noisy crop by
-  1 + lighting_std where the config asks."""
+  `lighting_on`, and with rescale_std (the released code's
+  dataset.lighting_rescale) the noisy crop divided by 1 + rescale_std."""
   images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
   on = lighting_on.astype(jnp.float32)
   x = normalize(images, mean, lighting * on)
-  if config.dataset.lighting_rescale:
-    x = x / (1.0 + config.dataset.lighting_std * on)
+  if rescale_std is not None:
+    x = x / (1.0 + rescale_std * on)
   return x
 
 

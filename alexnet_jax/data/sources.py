@@ -111,8 +111,9 @@ def _split_dir(root: str, split: str) -> str:
 
 def _folder_source(root: str, split: str, cache_dir: str) -> Source:
   if os.path.exists(os.path.join(root, UNFINISHED_COPY)):
-    raise errors.DatasetError(f'{root} is a --mode=prepare copy that did not finish: '
-                       f'run the same prepare command to complete it')
+    raise errors.DatasetError(
+        f'{root} is a --mode=prepare copy that did not finish: run the same '
+        f'prepare command to complete it')
   split_dir = _split_dir(root, split)
   class_names = _class_names(split_dir, root)
   paths, labels = [], []
@@ -180,8 +181,8 @@ def _prepare_tfds(config, builder, tfds) -> None:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual))
   except (tarfile.TarError, EOFError, zlib.error) as e:
-    raise errors.DatasetError(f'an archive in {manual} is damaged ({e}): download '
-                       f'it again') from e
+    raise errors.DatasetError(f'an archive in {manual} is damaged ({e}): '
+                              f'download it again') from e
 
 
 def _tfds_builder(config):
@@ -201,8 +202,9 @@ def _tfds_source(config, split: str) -> Source:
   if not builder.is_prepared():
     _prepare_tfds(config, builder, tfds)
   if split not in builder.info.splits:
-    raise errors.DatasetError(f'{config.dataset.name} has no split {split!r}: use '
-                       f'one of {", ".join(builder.info.splits)}')
+    raise errors.DatasetError(
+        f'{config.dataset.name} has no split {split!r}: use one of '
+        f'{", ".join(builder.info.splits)}')
   num_examples = builder.info.splits[split].num_examples
   # This process reads its own part of the records, not all of them.
   local_split = tfds.even_splits(split, n=jax.process_count())[

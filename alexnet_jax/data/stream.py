@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax.data import augment
+from alexnet_jax.data import dataset_stats
 from alexnet_jax.data import device_preprocessing
 from alexnet_jax.data import sources
 from alexnet_jax.runtime import errors
@@ -67,7 +68,7 @@ def positioned_examples(
   info is a dict of one example's tensors: its POSITION in the job's stream,
   and its row of what per_batch(step, shapes) returns for the local batch
   (so work that can be done a batch at a time is); shapes are the batch's
-  images' [height, width] where the source has them (sources.Source.shapes), else
+  images' [height, width] where the source has them (Source.shapes), else
   None. Global batch s is split among the processes in order, as
   `parallel.shard_batch` puts it together again. With random access,
   position p is example p mod n of epoch p div n in that epoch's order, so
@@ -110,7 +111,8 @@ def positioned_examples(
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def train_dataset(config, src: sources.Source, start_step: int = 0) -> tf.data.Dataset:
+def train_dataset(config, src: sources.Source,
+                  start_step: int = 0) -> tf.data.Dataset:
   """Endless augmented batches for this process, from train step start_step.
 
   Each global batch's crops, flips and lighting are drawn at once from the
@@ -119,19 +121,20 @@ def train_dataset(config, src: sources.Source, start_step: int = 0) -> tf.data.D
   """
   local_batch = process_batch_size(config.batch_size)
   seed = tf.constant([config.seed, 0], tf.int64)
+  crops, pca = augment.Crops.of(config), dataset_stats.pca(config)
 
   def this_process_draws(step, shapes):
     draws = augment.train_draws(
-        config, tf.random.experimental.stateless_fold_in(seed, step),
-        config.batch_size)
+        crops, tf.random.experimental.stateless_fold_in(seed, step),
+        config.batch_size, pca, config.dataset.lighting_std)
     first = jax.process_index() * local_batch
     draws = {k: v[first:first + local_batch] for k, v in draws.items()}
     return (draws if shapes is None
-            else augment.train_windows(config, draws, shapes))
+            else augment.train_windows(crops, draws, shapes))
 
   ds = positioned_examples(
       config, src, start_step, local_batch,
-      lambda encoded, label, info: augment.train_example(config, encoded,
+      lambda encoded, label, info: augment.train_example(crops, encoded,
                                                          label, info),
       this_process_draws)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -150,7 +153,7 @@ def eval_batches(config, src: sources.Source,
   most_per_process = -(-src.num_examples // jax.process_count())
   num_batches = -(-most_per_process // batch)
   ds = src.examples.map(tf.autograph.experimental.do_not_convert(
-      lambda x, y: augment.eval_example(config, x, y)),
+      lambda x, y: augment.eval_example(augment.Crops.of(config), x, y)),
                         num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
   ds = sources.read_once(ds.batch(batch).prefetch(tf.data.AUTOTUNE))

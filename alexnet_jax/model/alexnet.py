@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax.model import parallel
 from alexnet_jax.model import layers
+from alexnet_jax.model import parallel
 from alexnet_jax.runtime import errors
 
 
@@ -251,8 +251,8 @@ class AlexNet(nn.Module):
                dropout_rng: Optional[jax.Array] = None) -> jax.Array:
     v, towers = self.variant, self.towers
     if images.shape[1] < 64 or images.shape[2] < 64:
-      raise errors.UserError(f'AlexNet needs images of at least 64x64 pixels, got '
-                       f'{images.shape[1]}x{images.shape[2]}')
+      raise errors.UserError(f'AlexNet needs images of at least 64x64 pixels, '
+                             f'got {images.shape[1]}x{images.shape[2]}')
     c1, c2, c3, c4, c5 = (scaled(f, self.width) for f in v.conv_features)
     conv = lambda name, f, k, s, pad: TowerConv(
         v, towers, f, k, s, pad, self.dtype, self.grouped_convolutions,

@@ -23,6 +23,7 @@ from typing import Iterator
 from absl import logging
 
 from alexnet_jax.runtime import errors
+from alexnet_jax.runtime import files
 
 LOCK_FILE = 'job.lock'
 
@@ -93,11 +94,8 @@ def _take(path: str):
     raise errors.UserError(
         f'{path} is in use by another job ({_holder_text(holder)}): wait '
         f'for it to end or stop it, or give another --workdir')
-  try:
-    replaced = os.fstat(handle.fileno()).st_ino != os.stat(handle.name).st_ino
-  except FileNotFoundError:
-    replaced = True
-  if replaced:  # the holder ended and removed the file between open and flock
+  if not files.still_at(handle.name, handle.fileno()):
+    # the holder ended and removed the file between open and flock
     handle.close()
     return _take(path)[0], created
   stale = _read_holder(handle)

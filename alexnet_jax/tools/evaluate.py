@@ -25,8 +25,8 @@ def run(config, workdir: str, checkpoint: str = 'latest',
                                                  allow_config_change)
                         for spec in specs])
   src = sources.training_source(config, config.dataset.eval_split)
-  metrics = evaluation.evaluate_params(config, mesh, steps.make_eval_step(config, mesh),
-                            params, src)
+  metrics = evaluation.evaluate_params(
+      config, mesh, steps.make_eval_step(config, mesh), params, src)
   step = member_steps[0]
   split = f'eval_{config.eval.crops}crop'
   if ensemble:

@@ -22,11 +22,11 @@ from PIL import ImageDraw
 import tensorflow as tf
 
 from alexnet_jax.data import augment
-from alexnet_jax.tools import inference
+from alexnet_jax.data import device_preprocessing
 from alexnet_jax.data import sources
 from alexnet_jax.model import alexnet
-from alexnet_jax.data import device_preprocessing
 from alexnet_jax.runtime import xla_cpu
+from alexnet_jax.tools import inference
 
 KERNEL_ZOOM = 4        # screen pixels per kernel pixel
 KERNEL_GAP = 2         # between kernels
@@ -123,16 +123,10 @@ def save_png(image: np.ndarray, path: str) -> None:
   Image.fromarray(image).save(path)
 
 
-def _centre_crop_config(config):
-  """config with one centre crop: what figures show and fc7 is taken on."""
-  centre = config.copy_and_resolve_references()
-  centre.eval.crops = 1
-  return centre
-
-
 def _examples(config, src, count: int):
   """(centre crops, labels, indices) of `count` examples spread over src."""
-  centre = _centre_crop_config(config)
+  # One centre crop: what the figures show and fc7 is taken on.
+  centre = augment.Crops(config.resize_size, config.image_size)
   ds = sources.spread_sample(src, count).map(
       tf.autograph.experimental.do_not_convert(
           lambda encoded, label, index: dict(

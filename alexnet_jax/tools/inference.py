@@ -5,15 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax.train import checkpoints
 from alexnet_jax import config as config_lib
-from alexnet_jax.runtime import errors
+from alexnet_jax.data import device_preprocessing
 from alexnet_jax.data import sources
 from alexnet_jax.model import alexnet
-from alexnet_jax.data import device_preprocessing
 from alexnet_jax.model import parallel
-from alexnet_jax.train import steps
+from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import xla_cpu
+from alexnet_jax.train import checkpoints
+from alexnet_jax.train import steps
 
 
 def restore_params(config, mesh, spec: str, allow_config_change: bool):

@@ -13,9 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax.data import augment
+from alexnet_jax.data import sources
 from alexnet_jax.runtime import errors
 from alexnet_jax.tools import inference
-from alexnet_jax.data import sources
 
 
 def image_files(paths) -> list[str]:
@@ -41,7 +41,8 @@ def image_files(paths) -> list[str]:
 def load_image(config, path: str) -> np.ndarray:
   """The evaluation crop(s) of one file, as uint8."""
   try:
-    return augment.eval_example(config, tf.io.read_file(path), 0)[
+    return augment.eval_example(augment.Crops.of(config),
+                                tf.io.read_file(path), 0)[
         'image'].numpy()
   except tf.errors.OpError as e:
     reason = e.message.splitlines()[0] if e.message else type(e).__name__

@@ -23,12 +23,14 @@ def evaluate_params(config, mesh, eval_step, members: tuple,
   """
   totals, towers = None, steps.mesh_towers(config, mesh)
   global_batch = parallel.padded_batch(config.eval.batch_size, mesh, towers)
-  shown = progress.Progress(
-      config.progress_every_s, f'evaluation ({config.eval.crops}-crop)', src.num_examples)
+  shown = progress.Progress(config.progress_every_s,
+                            f'evaluation ({config.eval.crops}-crop)',
+                            src.num_examples)
   for batch in stream.eval_batches(config, src, global_batch):
     sums = eval_step(members, parallel.shard_batch(batch, mesh, towers))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     # Every process runs the same batches: count this one's share times all.
-    shown.add(int(batch[device_preprocessing.MASK].sum()) * jax.process_count())
+    shown.add(int(batch[device_preprocessing.MASK].sum())
+              * jax.process_count())
   totals = jax.device_get(totals)
   return dict(steps.means(totals), examples=int(totals['count']))

@@ -3,8 +3,8 @@
 Nothing here imports TensorFlow: the GPU benchmark builds these steps on
 machines that only have JAX, Flax, Optax and Orbax.
 
-A batch is a dict of device arrays with the keys device_preprocessing.py defines;
-the steps normalise it on the device.
+A batch is a dict of device arrays with the keys device_preprocessing.py
+defines; the steps normalise it on the device.
 """
 
 from typing import Any, Callable
@@ -16,11 +16,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
-from alexnet_jax.model import alexnet
 from alexnet_jax.data import device_preprocessing
-from alexnet_jax.train import optimizer
+from alexnet_jax.model import alexnet
 from alexnet_jax.model import parallel
 from alexnet_jax.runtime import xla_cpu
+from alexnet_jax.train import optimizer
 
 
 @flax.struct.dataclass
@@ -153,11 +153,14 @@ def make_train_step(config, mesh: jax.sharding.Mesh,
   tx = make_optimizer(config)
   model = mesh_model(config, mesh)
   mean = device_preprocessing.mean(config)
+  rescale_std = (config.dataset.lighting_std
+                 if config.dataset.lighting_rescale else None)
 
   def device_sums(params, batch, rng_data, lighting_on):
     images = device_preprocessing.normalize_for_training(
-        config, batch[device_preprocessing.IMAGE], mean,
-        batch[device_preprocessing.LIGHTING], lighting_on, batch[device_preprocessing.FLIP])
+        batch[device_preprocessing.IMAGE], mean,
+        batch[device_preprocessing.LIGHTING], lighting_on,
+        batch[device_preprocessing.FLIP], rescale_std)
     logits = model.apply({'params': params}, images, train=True,
                          dropout_rng=jax.random.wrap_key_data(rng_data))
     return _total_over_batch(classification_sums(
@@ -220,7 +223,8 @@ def mean_log_probabilities(model: alexnet.AlexNet, members, images: jax.Array,
   images: uint8 (B, H, W, 3), or (B, crops, H, W, 3). Returns (B, classes).
   """
   crops = images.shape[1] if images.ndim == 5 else 1
-  flat = device_preprocessing.normalize(images.reshape((-1,) + images.shape[-3:]), mean)
+  flat = device_preprocessing.normalize(
+      images.reshape((-1,) + images.shape[-3:]), mean)
   log_probs = jnp.stack([jax.nn.log_softmax(model.apply({'params': params},
                                                         flat))
                          for params in members])        # (n, B * crops, C)

@@ -8,21 +8,21 @@ from absl import logging
 import jax
 import numpy as np
 
-from alexnet_jax.train import checkpoints
 from alexnet_jax import config as config_lib
-from alexnet_jax.runtime import errors
-from alexnet_jax.data import stream
 from alexnet_jax.data import sources
+from alexnet_jax.data import stream
+from alexnet_jax.model import parallel
+from alexnet_jax.runtime import console
+from alexnet_jax.runtime import errors
+from alexnet_jax.runtime import files
+from alexnet_jax.runtime import host
 from alexnet_jax.runtime import interrupts
+from alexnet_jax.train import checkpoints
 from alexnet_jax.train import evaluation
 from alexnet_jax.train import metric_writer
 from alexnet_jax.train import optimizer
-from alexnet_jax.model import parallel
 from alexnet_jax.train import preemption
 from alexnet_jax.train import steps
-from alexnet_jax.runtime import console
-from alexnet_jax.runtime import files
-from alexnet_jax.runtime import host
 
 
 class NonFiniteLossError(errors.UserError):
@@ -39,9 +39,24 @@ def _diverged(mngr, what: str, step: int) -> NonFiniteLossError:
       f'with it, add --allow_config_change)')
 
 
-def _every(config_value: int, steps_per_epoch: int, total_steps: int) -> int:
-  """An interval key's steps: N, -1 once an epoch, 0 only at the end."""
-  return {-1: steps_per_epoch, 0: total_steps}.get(config_value, config_value)
+class Intervals:
+  """The one rule for when the loop logs, evaluates and saves (as
+  big_vision's itstime): at every `every`-th step and at the last one.
+
+  The config's interval keys give N for every N steps, -1 for once an epoch
+  and 0 for only at the end.
+  """
+
+  def __init__(self, config, steps_per_epoch: int, total_steps: int):
+    in_steps = lambda value: {-1: steps_per_epoch, 0: total_steps}.get(
+        value, value)
+    self.total_steps = total_steps
+    self._every = {'log': config.log_every_steps,
+                   'eval': in_steps(config.eval_every_steps),
+                   'checkpoint': in_steps(config.checkpoint_every_steps)}
+
+  def its_time(self, what: str, step: int) -> bool:
+    return step == self.total_steps or step % self._every[what] == 0
 
 
 def eta_text(remaining_steps: int, train_seconds: float,
@@ -182,9 +197,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                                                    train_src.num_examples)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
-  eval_every = _every(config.eval_every_steps, steps_per_epoch, total_steps)
-  checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch,
-                            total_steps)
+  intervals = Intervals(config, steps_per_epoch, total_steps)
 
   mesh = parallel.make_mesh(config)
   towers = steps.mesh_towers(config, mesh)
@@ -227,7 +240,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
       step += 1
       trace.after(step, state)
       pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == total_steps:
+      if intervals.its_time('log', step):
         means = {k: float(np.mean(v))
                  for k, v in jax.device_get(
                      jax.tree.map(lambda *xs: np.stack(xs), *pending)).items()}
@@ -247,7 +260,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                       eta_text(total_steps - step, train_seconds,
                                timed_steps))
       eval_metrics = None
-      if step % eval_every == 0 or step == total_steps:
+      if intervals.its_time('eval', step):
         # Finish the queued train steps first, so their time stays in the
         # train images/sec and out of the evaluation's.
         jax.block_until_ready(state)
@@ -262,8 +275,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
               min_delta=config.plateau.min_delta))
         last_log_time += time.time() - eval_started
       stopping = stop_requests.requested(step)
-      if (eval_metrics is not None or stopping or step == total_steps
-          or step % checkpoint_every == 0):
+      if (eval_metrics is not None or stopping
+          or intervals.its_time('checkpoint', step)):
         if not steps.all_finite(state.params):
           raise _diverged(mngr, 'the parameters became non-finite', step)
         checkpoints.save(mngr, state, config, eval_metrics)
