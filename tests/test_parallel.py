@@ -308,7 +308,7 @@ def test_each_shipped_config_fits_1_2_4_and_8_devices(name):
 def test_evaluation_pads_a_batch_that_does_not_split_and_counts_each_once(
     tiny_config):
   """eval.batch_size 7 on 4 data shards: batches of 8, the same metrics."""
-  from alexnet_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.train import evaluation  # pylint: disable=g-import-not-at-top
   from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
   tiny_config.eval.batch_size = 7
   src = sources.source(tiny_config, 'validation')
@@ -317,7 +317,7 @@ def test_evaluation_pads_a_batch_that_does_not_split_and_counts_each_once(
     tiny_config.mesh.data = data
     mesh = parallel.make_mesh(tiny_config)
     state = steps.create_sharded_train_state(tiny_config, mesh)
-    results.append(evaluate.evaluate_params(
+    results.append(evaluation.evaluate_params(
         tiny_config, mesh, steps.make_eval_step(tiny_config, mesh),
         (state.params,), src))
   one, four = results

@@ -181,11 +181,11 @@ def prepare(config, out_dir: str) -> None:
     source = f'imagenet2012 archives in {manual}'
   else:
     # The sources are opened first, so a wrong dataset leaves nothing.
-    sources = {split: sources.source(config, split)
-               for split in splits}
-    classes = sources[config.dataset.train_split].class_names
-    write = lambda split, folder: _prepare_split(config, sources[split],
-                                                 split, folder)
+    split_sources = {split: sources.source(config, split)
+                     for split in splits}
+    classes = split_sources[config.dataset.train_split].class_names
+    write = lambda split, folder: _prepare_split(
+        config, split_sources[split], split, folder)
     source = config.dataset.name
   unfinished = os.path.join(out_dir, sources.UNFINISHED_COPY)
   if jax.process_index() == 0:
