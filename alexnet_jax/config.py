@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import sys
 from typing import Any, Optional
 
 import ml_collections
@@ -126,6 +128,34 @@ NETWORK_KEYS = (
     'resize_size', 'dataset.mean', 'dataset.mean_rgb', 'dataset.stats_file')
 
 
+# Keys that change the shapes of the network's parameters: a checkpoint can
+# only be restored with the values it was made with.
+SHAPE_KEYS = ('model.variant', 'model.width', 'model.num_classes',
+              'image_size')
+# Keys that say which data a network was trained on (the seed makes the
+# built-in dataset). Evaluation, predict, figures and export take them from
+# the checkpoint's config unless the command line sets them.
+DATA_KEYS = (
+    'dataset.name', 'dataset.train_split', 'dataset.eval_split',
+    'dataset.builtin_train_per_class', 'dataset.builtin_eval_per_class',
+    'seed')
+
+
+def data_name(config) -> str:
+  """The dataset as results name it: 'builtin (seed 1)' (with its images
+  per class where not the default), 'folder:PATH' or a TFDS name."""
+  name, dataset = config.dataset.name, config.dataset
+  if name != 'builtin':
+    return name
+  sizes = (dataset.builtin_train_per_class, dataset.builtin_eval_per_class)
+  defaults = default().dataset
+  if sizes == (defaults.builtin_train_per_class,
+               defaults.builtin_eval_per_class):
+    return f'{name} (seed {config.seed})'
+  return (f'{name} (seed {config.seed}, {sizes[0]} and {sizes[1]} '
+          f'images per class)')
+
+
 def cache_root(config) -> str:
   """Where the built-in dataset and the screening results are kept."""
   return config.dataset.data_dir or os.path.join(
@@ -144,6 +174,24 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def _under(key: str, prefixes) -> bool:
   return any(key == p or key.startswith(p + '.') for p in prefixes)
+
+
+def with_values(config, values: dict[str, Any]):
+  """A copy of config with the dotted keys of `values` set."""
+  config = config.copy_and_resolve_references()
+  for key, value in values.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
+def stored_values(stored: dict[str, Any], keys) -> dict[str, Any]:
+  """The values of the dotted `keys` in a config kept as JSON."""
+  flat = _flatten(stored)
+  return {key: flat[key] for key in keys if key in flat}
 
 
 def changes(stored: dict[str, Any], config, only: Optional[tuple] = None,
@@ -168,8 +216,14 @@ def changes(stored: dict[str, Any], config, only: Optional[tuple] = None,
 def _config_file_problem(path: str) -> Optional[str]:
   """What is wrong with the config file itself, or None if it loads."""
   path = path.split(':')[0] if not os.path.exists(path) else path
+  if os.path.isdir(path):
+    return (f'--config={path} is a folder: give a config file, e.g. '
+            f'configs/quickstart.py')
   if not os.path.isfile(path):
     return f'--config={path}: no such file'
+  if not path.endswith('.py'):
+    return (f'--config={path} is not a Python config file: give one with '
+            f'get_config(), e.g. configs/quickstart.py')
   try:
     spec = importlib.util.spec_from_file_location('_checked_config', path)
     module = importlib.util.module_from_spec(spec)
@@ -207,6 +261,9 @@ def _config_path(argv: list[str]) -> Optional[str]:
   return None
 
 
+_HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flags with --config loaded and validated, for main and benchmark.
 
@@ -219,6 +276,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     if flags.FLAGS['config'].present:
       validate(flags.FLAGS['config'].value)  # loading is lazy: force it here
     return remaining
+  except SystemExit as e:   # absl exits 1 after printing --help's text
+    asked = any(arg.split('=')[0] in _HELP_FLAGS for arg in argv[1:])
+    sys.exit(0 if asked else e.code)
   except Exception as e:  # pylint: disable=broad-except
     path = _config_path(argv)
     message = _config_file_problem(path) if path else None
@@ -228,7 +288,10 @@ def parse_flags(argv: list[str]) -> list[str]:
       # An override; ml_collections quotes its messages twice.
       text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
       text = text.replace("\\'", '').replace('\\n', ' ').strip('\'')
-      message = f'bad --config.KEY=VALUE override: {text}'
+      unknown = re.match(r'(\S+) Did you mean "([^"]+)"', text)
+      message = (f'no config key {unknown[1]!r}: did you mean '
+                 f'{unknown[2]!r}?' if unknown else
+                 f'bad --config.KEY=VALUE override: {text}')
   errors.exit_with_error(message, 2)
 
 

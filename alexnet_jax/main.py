@@ -1,4 +1,4 @@
-"""Train or evaluate AlexNet.
+r"""alexnet_jax: train AlexNet, and evaluate, predict with, draw and export it.
 
   python -m alexnet_jax.main --config=configs/ilsvrc2012.py --workdir=DIR
   python -m alexnet_jax.main --config=configs/quickstart.py --workdir=DIR \
@@ -28,7 +28,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from alexnet_jax import config as config_lib
@@ -98,6 +97,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # Modes that write checkpoints or a dataset: one job at a time per workdir.
 _LOCKING_MODES = ('train', 'prepare', 'stats')
+# Modes that read a checkpoint of the workdir.
+_CHECKPOINT_MODES = ('eval', 'predict', 'figures', 'export')
 
 
 def _check_flags(mode: str, workdir: str) -> str:
@@ -125,14 +126,25 @@ def _check_flags(mode: str, workdir: str) -> str:
 def _run(mode: str, config, workdir: str) -> None:
   # Imported here so that --help and flag errors stay fast.
   from alexnet_jax.data import dataset_tools
+  from alexnet_jax.runtime import console
+  from alexnet_jax.runtime import workdir as workdir_lib
   from alexnet_jax.tools import evaluate
   from alexnet_jax.tools import export
   from alexnet_jax.tools import figures
+  from alexnet_jax.tools import inference
   from alexnet_jax.tools import predict
   from alexnet_jax.train import trainer
-  from alexnet_jax.runtime import workdir as workdir_lib
   if mode == 'prepare':
     dataset_tools.check_output(config, workdir)
+  data_note = ''
+  if mode in _CHECKPOINT_MODES:
+    config, data_note = inference.with_training_data(
+        config, workdir, _CHECKPOINT.value,
+        set_on_command_line=config_flags.get_override_values(
+            flags.FLAGS['config']))
+    if data_note and mode != 'eval':   # eval says so in its result line
+      console.report(f'--mode={mode} on {config_lib.data_name(config)}'
+                     f'{data_note}')
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
@@ -142,7 +154,8 @@ def _run(mode: str, config, workdir: str) -> None:
       'eval': lambda: evaluate.run(
           config, workdir, checkpoint=_CHECKPOINT.value,
           ensemble=tuple(_ENSEMBLE.value),
-          allow_config_change=_ALLOW_CONFIG_CHANGE.value),
+          allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+          data_note=data_note),
       'prepare': lambda: dataset_tools.prepare(config, workdir),
       'stats': lambda: dataset_tools.stats(config, workdir),
       'predict': lambda: predict.run(
@@ -165,9 +178,8 @@ def _run(mode: str, config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not flags.FLAGS['verbosity'].present:
-    # Progress lines are printed; library INFO logs (Orbax, TF) need -v 0.
-    logging.set_verbosity(logging.WARNING)
+  from alexnet_jax.runtime import console  # pylint: disable=g-import-not-at-top
+  console.quiet_library_logs()
   from alexnet_jax.data import builtin_data  # pylint: disable=g-import-not-at-top
   from alexnet_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax.runtime import interrupts  # pylint: disable=g-import-not-at-top
@@ -185,6 +197,7 @@ def main(argv):
                            _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT_TIMEOUT.value)
     _run(_MODE.value, _CONFIG.value, workdir)
+    distributed.shutdown()
   except errors.UserError as e:
     errors.exit_with_error(str(e), 1)
   except preemption.Stopped as e:
@@ -198,6 +211,10 @@ def main(argv):
       raise
     errors.exit_with_error(f'the disk is full ({e.filename or e}): free some '
                            f'space, then run the same command again', 1)
+  except Exception as e:  # pylint: disable=broad-except
+    if distributed.is_collective_failure(e):
+      distributed.wait_for_the_watch(e)   # one line naming the lost process
+    raise
 
 
 if __name__ == '__main__':

@@ -134,6 +134,14 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
       'config dict': ([*main, '--config=' + _config_file(
           configs, 'dict.py', 'def get_config():\n  return {}\n'),
                        f'--workdir={new}'], 'returns a dict'),
+      'config a folder': ([*main, f'--config={configs}', f'--workdir={new}'],
+                          'is a folder: give a config file'),
+      'config not python': ([*main, '--config=README.md', f'--workdir={new}'],
+                            'is not a Python config file'),
+      'config key misspelt': ([*main, *tiny, '--config.batchsize=64',
+                               f'--workdir={new}'],
+                              "no config key 'batchsize': did you mean "
+                              "'batch_size'?"),
       # Workdirs.
       'workdir a file': ([*main, *tiny, f'--workdir={a_file}'],
                          'is a file'),
@@ -149,6 +157,11 @@ def test_each_bad_input_is_one_line_and_changes_nothing(
                                    f'--images={builtin}/validation',
                                    f'--workdir={corrupt}'],
                                   'checkpoint 4', 'damaged'),
+      'ensemble member missing': ([*main, *tiny, '--mode=eval',
+                                   f'--ensemble={tmp_path}/nope',
+                                   f'--workdir={trained}'],
+                                  f'no checkpoint in {tmp_path}/nope',
+                                  'give the workdir of a training run'),
       'steps below the checkpoint': ([*main, *tiny,
                                       '--config.num_train_steps=3',
                                       f'--workdir={trained}'],

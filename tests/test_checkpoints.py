@@ -294,6 +294,20 @@ def test_bad_input_is_refused_and_changes_nothing(
   assert _snapshot(uninterrupted) == before
 
 
+@pytest.mark.parametrize('key, value, shape', [
+    ('model.width', 0.25, True), ('resize_size', 80, False)])
+def test_allow_config_change_is_offered_only_where_it_can_work(
+    key, value, shape, uninterrupted, flags_config):
+  """Another width cannot restore whatever the flags say; another resize
+  size can, with --allow_config_change."""
+  from alexnet_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  flags_config.update_from_flattened_dict({key: value})
+  with pytest.raises(errors.UserError) as refused:
+    evaluate.run(flags_config, str(uninterrupted))
+  assert f'{key}: ' in str(refused.value)
+  assert ('--allow_config_change' in str(refused.value)) != shape
+
+
 @pytest.mark.parametrize('exists', [False, True])
 def test_eval_of_a_missing_or_empty_workdir_fails_and_creates_nothing(
     tmp_path, flags, exists):
@@ -337,6 +351,32 @@ def test_a_second_job_on_the_workdir_is_refused_and_a_dead_ones_lock_is_taken(
       third.stderr)
   assert f'pid {first.pid}' in third.stderr
   assert not os.path.exists(tmp_path / 'job.lock')  # released at the end
+
+
+def test_ctrl_c_twice_exits_at_once_and_leaves_no_lock(tmp_path, flags):
+  """The second Ctrl-C exits with os._exit, which runs no `finally`: the
+  lock is released before it all the same."""
+  run = start_main(*flags, f'--workdir={tmp_path}',
+                   '--config.num_train_steps=1000000',
+                   '--config.log_every_steps=1',
+                   '--config.checkpoint_every_steps=1000000',
+                   '--config.eval_every_steps=1000000')
+  _read_until(run, 'step 1/')
+  while run.poll() is None:   # until one lands while the first is handled
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+  _, stderr = run.communicate(timeout=300)
+  assert run.returncode == 130, stderr[-2000:]
+  assert 'interrupted again: exiting without saving' in stderr
+  assert not os.path.exists(tmp_path / 'job.lock')
+
+
+def test_a_checkpoints_folder_with_nothing_saved_is_removed(tmp_path):
+  """What a run stopped while it starts up (before its first save) leaves."""
+  mngr = checkpoints.manager(str(tmp_path))
+  assert os.listdir(tmp_path) == ['checkpoints']
+  checkpoints.remove_if_empty(mngr)
+  assert not os.listdir(tmp_path)
 
 
 def test_a_corrupted_checkpoint_is_set_aside_and_training_resumes_before_it(

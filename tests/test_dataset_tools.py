@@ -300,7 +300,7 @@ def test_the_readme_s_imagenet_commands_prepare_train_and_evaluate(tmp_path):
   from_copy = [*config, f'--workdir={run}',
                f'--config.dataset.name=folder:{copy_dir}', *small]
   run_main(*from_copy)
-  trained = [r for r in metric_records(run) if r['split'] == 'eval'][-1]
+  trained = [r for r in metric_records(run) if r['split'] == 'eval_1crop'][-1]
   assert trained['step'] == 2 and trained['examples'] == 6
   run_main(*from_copy, '--mode=eval')
   evaluated = metric_records(run)[-1]

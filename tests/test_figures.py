@@ -133,16 +133,36 @@ def test_predict_gives_the_probabilities_of_the_eval_step(trained, data_dir,
   assert float(sums['loss']) == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
-def test_predict_names_a_file_that_is_not_an_image(trained, data_dir,
-                                                    tmp_path):
+def test_predict_skips_files_that_are_not_images_and_names_them(
+    trained, data_dir, tmp_path):
+  """A text file named .jpg is left out with its reason and the rest are
+  predicted; a truncated JPEG is predicted and named as repaired; nothing
+  readable at all is one error line."""
   workdir, _ = trained
-  bad = tmp_path / 'notes.jpg'
+  config = command_line.tiny_config(data_dir)
+  folder = tmp_path / 'images'
+  folder.mkdir()
+  for i, path in enumerate(_eval_files(config, 3)):
+    (folder / f'{i}.jpg').write_bytes(open(path, 'rb').read())
+  data = (folder / '0.jpg').read_bytes()
+  (folder / 'cut.jpg').write_bytes(data[:len(data) // 2])
+  bad = folder / 'fake.jpg'
   bad.write_text('not a picture')
   result = run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
-                    '--mode=predict', f'--images={bad}', check=False)
-  assert result.returncode == 1
-  assert f'cannot read {bad} as an image' in result.stderr.strip(
-  ).splitlines()[-1]
+                    '--mode=predict', f'--images={folder}')
+  predicted = [json.loads(line)['image'] for line in result.stdout.splitlines()
+               if line.startswith('{')]
+  assert predicted == [str(folder / name)
+                       for name in ('0.jpg', '1.jpg', '2.jpg', 'cut.jpg')]
+  assert f'warning: skipping {bad}: ' in result.stderr
+  assert f'warning: repaired {folder / "cut.jpg"}: truncated JPEG' in (
+      result.stderr)
+
+  only_bad = run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
+                      '--mode=predict', f'--images={bad}', check=False)
+  assert only_bad.returncode == 1
+  last = only_bad.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: none of the 1 files given can be read')
 
 
 def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
@@ -217,7 +237,7 @@ def test_training_writes_the_kernels_and_predictions_to_tensorboard(
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   workdir, _ = trained
   tags = {value.tag
-          for path in glob.glob(os.path.join(workdir, 'tensorboard', 'eval',
+          for path in glob.glob(os.path.join(workdir, 'tensorboard', 'eval_*',
                                              '*'))
           for event in tf.compat.v1.train.summary_iterator(path)
           for value in event.summary.value}

@@ -29,7 +29,7 @@ def test_the_slurm_script_runs_main_once_per_gpu_with_the_users_flags(
                   '/shared/runs/a', '--config.batch_size=1024'],
                  cwd=REPO, env=env, check=True)
   assert (tmp_path / 'args').read_text().split('\n')[:-1] == [
-      '--kill-on-bad-exit=0', '--wait=60', 'python', '-m', 'alexnet_jax.main',
+      '--kill-on-bad-exit=0', '--wait=130', 'python', '-m', 'alexnet_jax.main',
       '--config=configs/ilsvrc2012.py', '--workdir=/shared/runs/a',
       '--config.batch_size=1024']
   options = _sbatch_options(os.path.join(REPO, 'launch/slurm.sbatch'))

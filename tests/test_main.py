@@ -33,7 +33,7 @@ def test_train_then_eval_reports_the_same_metrics(tmp_path, data_dir):
   rates = {r['step']: r['learning_rate'] for r in records
            if r['split'] == 'train'}
   assert rates == pytest.approx({1: 0.005, 2: 0.005, 3: 5e-4, 4: 5e-5})
-  final_eval = [r for r in records if r['split'] == 'eval'][-1]
+  final_eval = [r for r in records if r['split'] == 'eval_1crop'][-1]
   assert final_eval['step'] == 4
   assert {'top1_error', 'top5_error', 'loss'} <= set(final_eval)
 
@@ -101,7 +101,7 @@ def test_an_unknown_config_key_fails_in_one_clear_line(tmp_path):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'batch_sise' in last
-  assert 'Did you mean "batch_size"' in last
+  assert "did you mean 'batch_size'?" in last
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'x')
 
@@ -113,6 +113,51 @@ def test_a_bad_config_value_fails_in_one_clear_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(
       "error: model.variant='alexnet_v9' is not supported")
+
+
+def test_eval_scores_a_network_on_its_own_training_run_s_data(
+    tmp_path, data_dir):
+  """The seed makes the built-in dataset: evaluation without it on the
+  command line must still score the network on seed 1's images (and the
+  images per class of the run), as the run's own last evaluation did; a
+  seed given on the command line is honoured and said."""
+  workdir = str(tmp_path / 'run')
+  run_main(*tiny_flags(data_dir), f'--workdir={workdir}', '--config.seed=1')
+  trained = [r for r in metric_records(workdir)
+             if r['split'] == 'eval_1crop'][-1]
+  assert trained['dataset'] == ('builtin (seed 1, 8 and 3 images per '
+                                'class)')
+  without_data_flags = [f for f in tiny_flags(data_dir)
+                        if '.builtin_' not in f]
+  evaluated = run_main(*without_data_flags, f'--workdir={workdir}',
+                       '--mode=eval')
+  scored = metric_records(workdir)[-1]
+  for key in ('top1_error', 'top5_error', 'loss', 'examples', 'dataset',
+              'dataset_split'):
+    assert scored[key] == trained[key], key
+  assert 'not the training run' not in evaluated.stdout
+
+  other = run_main(*tiny_flags(data_dir), f'--workdir={workdir}',
+                   '--mode=eval', '--config.seed=0')
+  assert (", not the training run's builtin (seed 1, 8 and 3 images per "
+          "class):") in other.stdout
+  assert metric_records(workdir)[-1]['dataset'] == (
+      'builtin (seed 0, 8 and 3 images per class)')
+
+
+@pytest.mark.parametrize('module', ['alexnet_jax.main',
+                                    'alexnet_jax.benchmark'])
+def test_help_exits_0_with_one_usage_line_a_line(module):
+  import re  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from command_line import REPO  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, '-m', module, '--help'], cwd=REPO,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'python -m {module} --config=' in result.stdout
+  # A continued usage line stays two lines, not one with a gap in it.
+  assert not re.search(r'\S {3,}--mode', result.stdout), result.stdout
 
 
 def test_the_compute_modules_do_not_import_tensorflow():

@@ -5,6 +5,7 @@ only resources and time changed on the sbatch line, as a user would."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -160,3 +161,41 @@ def test_a_job_whose_processes_fail_ends_failed_once(cluster, data_dir,
   assert job['JobState'] == 'FAILED', seen
   assert job['Restarts'] == '0' and 'requeue' not in log.read_text()
   assert f'error: no folder {tmp_path}/missing/train' in log.read_text()
+
+
+def _task_pid(index: int) -> int:
+  """The pid of the job's task `index` running alexnet_jax.main."""
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        command = f.read()
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        environ = f.read().split(b'\0')
+    except OSError:
+      continue
+    if b'alexnet_jax.main' in command and (
+        f'SLURM_PROCID={index}'.encode() in environ):
+      return int(pid)
+  raise AssertionError(f'no task {index} of alexnet_jax.main is running')
+
+
+def test_a_job_that_loses_a_process_ends_failed_with_the_line_that_says_so(
+    cluster, data_dir, tmp_path):
+  """Task 1 killed: task 0 ends within the heartbeat timeout (20 s) with
+  the line that names it; srun waits for that (--wait), and the job ends
+  FAILED, not requeued."""
+  log = tmp_path / 'log'
+  job_id = _sbatch(cluster, log, [], _script_flags(
+      [*_flags(data_dir, tmp_path / 'run'), '--config.num_train_steps=4000']))
+  deadline = time.monotonic() + 300
+  while not (log.exists() and 'step 4/4000' in log.read_text()):
+    assert time.monotonic() < deadline, 'the job did not reach step 4'
+    time.sleep(0.2)
+  os.kill(_task_pid(1), signal.SIGKILL)
+  job, seen = _wait(cluster, job_id)
+  text = log.read_text()
+  assert job['JobState'] == 'FAILED', (seen, text[-3000:])
+  assert job['Restarts'] == '0' and 'requeue' not in text
+  assert 'error: process 1 of this job was lost' in text, text[-3000:]
+  assert 'Fatal Python error' not in text
+

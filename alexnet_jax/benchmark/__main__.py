@@ -1,4 +1,4 @@
-"""Speed of the train step, input pipeline, whole training and checkpoints.
+r"""Speed of the train step, input pipeline, whole training and checkpoints.
 
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=train_step --config.batch_size=64 --config.mesh.data=1
@@ -44,6 +44,7 @@ from ml_collections import config_flags
 from alexnet_jax import config as config_lib
 from alexnet_jax.benchmark import compute
 from alexnet_jax.benchmark import data
+from alexnet_jax.runtime import console
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import tf_runtime
 
@@ -82,6 +83,7 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  console.quiet_library_logs()
   config = _CONFIG.value
   try:
     timings = (_WARMUP.value, _REPEATS.value, _STEPS.value)

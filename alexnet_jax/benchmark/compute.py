@@ -84,8 +84,9 @@ class Training:
                          / steps_per_repeat)
       faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                      - faults_before) / steps_per_repeat)
-      print(f'{what}: {rates[-1]:.1f} images/sec, {cpu_seconds[-1]:.2f} CPU '
-            f's/step', file=sys.stderr, flush=True)
+      print(f'{what}: {rates[-1]:.1f} images/sec, '
+            f'{1000 * cpu_seconds[-1] / self.config.batch_size:.2f} CPU '
+            f'ms/image', file=sys.stderr, flush=True)
     return rates, cpu_seconds, faults
 
 

@@ -98,8 +98,9 @@ def time_input_pipeline(config, warmup: int, repeats: int,
     rates.append(images / (time.perf_counter() - started))
     cpu_per_image.append((time.process_time() - cpu_started) / images)
     del batches  # stops its threads
-    print(f'{rates[-1]:.1f} images/sec, {1000 * cpu_per_image[-1]:.2f} CPU '
-          f'ms/image', file=sys.stderr, flush=True)
+    print(f'input pipeline: {rates[-1]:.1f} images/sec, '
+          f'{1000 * cpu_per_image[-1]:.2f} CPU ms/image', file=sys.stderr,
+          flush=True)
     if between_repeats is not None:
       between_repeats()
   cores = len(os.sched_getaffinity(0))

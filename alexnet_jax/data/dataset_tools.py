@@ -10,8 +10,8 @@ keeps the source's class order, so labels mean the same in both.
 import json
 import os
 import tarfile
+import time
 
-from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
@@ -90,10 +90,10 @@ def _write(config, items: tf.data.Dataset, folder: str,
 
 
 def _prepare_split(config, src: sources.Source, split: str,
-                   folder: str) -> int:
+                   folder: str) -> tuple[int, int, int]:
   """Write this process's share of `split` as CLASS/NUMBER.jpeg, skipping
-  the images a killed run finished. Returns how many images this process's
-  share of the copy holds.
+  the images a killed run finished. Returns how many of this process's
+  share were already there, written, and skipped as undecodable.
 
   Numbers come from the global index, so processes never collide.
   """
@@ -121,17 +121,18 @@ def _prepare_split(config, src: sources.Source, split: str,
              for p in _write(config, items, folder, shown)}
   for index in todo:
     if number(index) not in written:
-      logging.warning('skipped example %d of %s: cannot be decoded', index,
-                      split)
-  return src.num_local - len(todo) + len(written)
+      console.warning(f'skipped example {index} of {split}: cannot be decoded')
+  return src.num_local - len(todo), len(written), len(todo) - len(written)
 
 
 def _prepare_split_from_archive(config, manual: str, split: str,
-                                share_bytes: int, folder: str) -> int:
+                                share_bytes: int,
+                                folder: str) -> tuple[int, int, int]:
   """Write this process's share of `split` straight from ImageNet's archive
   as CLASS/STEM.jpeg (n01440764_10026.jpeg, ILSVRC2012_val_00000001.jpeg),
-  skipping the images a killed run finished. Returns how many images this
-  process's share of the copy holds."""
+  skipping the images a killed run finished. Returns how many of this
+  process's share were already there, written, and skipped as
+  undecodable."""
   finished = []
 
   def done(relative):
@@ -152,9 +153,10 @@ def _prepare_split_from_archive(config, manual: str, split: str,
         f'stay, and the same command goes on from them') from reading.error
   if reading.error:
     raise reading.error
-  for relative in sorted(set(reading.given) - set(written)):
-    logging.warning('skipped %s of %s: cannot be decoded', relative, split)
-  return len(finished) + len(written)
+  skipped = sorted(set(reading.given) - set(written))
+  for relative in skipped:
+    console.warning(f'skipped {relative} of {split}: cannot be decoded')
+  return len(finished), len(written), len(skipped)
 
 
 def prepare(config, out_dir: str) -> None:
@@ -191,25 +193,31 @@ def prepare(config, out_dir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     open(unfinished, 'a').close()
-  counts = {}
+  counts, totals, started = {}, np.zeros(3, np.int64), time.monotonic()
   for split in splits:
     folder = os.path.join(out_dir, split)
     for name in classes:
       os.makedirs(os.path.join(folder, name), exist_ok=True)
     # Every process has written its share before the manifest marks the
     # copy complete.
-    counts[split] = int(distributed.all_processes(
-        np.asarray(write(split, folder))).sum())
-    console.report(f'{split}: {counts[split]} images written to '
-                         f'{folder}')
+    already, written, skipped = distributed.all_processes(
+        np.asarray(write(split, folder), np.int64)).sum(0)
+    counts[split] = int(already + written)
+    totals += (already, written, skipped)
+    console.report(f'{split}: {counts[split]:,} images in {folder}')
   if jax.process_index() == 0:
     with files.atomic_write(manifest_path) as f:
       json.dump({'classes': list(classes),
                  'resize_size': config.resize_size,
                  'source': source, 'images': counts}, f)
     os.remove(unfinished)
+  already, written, skipped = totals.tolist()
+  seconds = time.monotonic() - started
   console.report(
-      f'train from the copy with --config.dataset.name=folder:{out_dir}')
+      f'prepare: {written:,} images written to {out_dir} ({already:,} already '
+      f'there, {skipped:,} skipped as undecodable) in {seconds:.1f} s, '
+      f'{written / seconds:.0f} images/sec; train from it with '
+      f'--config.dataset.name=folder:{out_dir}')
 
 
 def _image_sums(encoded, resize_size):
@@ -224,6 +232,7 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
   Over a random sample of dataset.stats_examples images (0: all), each the
   paper's resize_size square. Each process sums its part of the sample.
   """
+  started = time.monotonic()
   src = sources.source(config, config.dataset.train_split)
   sums = tf.autograph.experimental.do_not_convert(
       lambda encoded, *_: _image_sums(encoded, config.resize_size))
@@ -258,7 +267,8 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
     os.makedirs(workdir, exist_ok=True)
     dataset_stats.save(path, result)
   console.report(
-      f'statistics of {int(count)} images saved to {path}\n'
+      f'statistics of {int(count):,} images saved to {path} in '
+      f'{time.monotonic() - started:.1f} s\n'
       f'  mean_rgb {np.round(result.mean_rgb, 2).tolist()}\n'
       f'  pca_eigvals {np.round(result.pca_eigvals, 2).tolist()}\n'
       f'  pca_eigvecs {np.round(result.pca_eigvecs, 4).tolist()}\n'

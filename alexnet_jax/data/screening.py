@@ -16,10 +16,10 @@ import os
 import re
 from typing import Optional
 
-from absl import logging
 import tensorflow as tf
 
 from alexnet_jax.data import augment
+from alexnet_jax.runtime import console
 from alexnet_jax.runtime import files
 
 
@@ -81,6 +81,13 @@ def _decode_failure(path: str) -> str:
   return 'not a decodable image'
 
 
+def check(paths: list[str]) -> list[Optional[Shape]]:
+  """screen() without its cache, for a few files a user names (predict):
+  each file's [height, width], or None for one that cannot be used; each
+  file left out or repaired is named, with the reason, on every run."""
+  return _screen_now(paths)[0]
+
+
 def _screen_now(
     paths: list[str]) -> tuple[list[Optional[Shape]], list[str]]:
   """(each file's [height, width] or None, the files that cannot be read);
@@ -98,7 +105,7 @@ def _screen_now(
       bad.append(path)
     else:
       unreadable.append(path)
-    logging.warning('skipping %s: %s', path, reason)
+    console.warning(f'skipping {path}: {reason}')
   repairs = {
       'truncated JPEG, missing part filled grey':
           [p for i, p in enumerate(paths) if i in kinds and kinds[i][0]
@@ -112,11 +119,11 @@ def _screen_now(
   }
   for what, repaired in repairs.items():
     for path in repaired:
-      logging.warning('repaired %s: %s', path, what)
+      console.warning(f'repaired {path}: {what}')
   if bad or unreadable or any(repairs.values()):
-    logging.warning('checked %d files: %d skipped, %d repaired', len(paths),
-                    len(bad) + len(unreadable),
-                    sum(map(len, repairs.values())))
+    console.warning(f'checked {len(paths)} files: '
+                    f'{len(bad) + len(unreadable)} skipped, '
+                    f'{sum(map(len, repairs.values()))} repaired')
   return [kinds[i][3] if i in kinds else None
           for i in range(len(paths))], unreadable
 
@@ -162,5 +169,5 @@ def screen(paths: list[str], cache_dir: str) -> list[Optional[Shape]]:
     with files.atomic_write(cache) as f:
       json.dump({'shapes': shapes, 'unreadable': unreadable}, f)
   except OSError as e:  # a read-only cache only costs time
-    logging.warning('cannot keep the screening result in %s: %s', cache, e)
+    console.warning(f'cannot keep the screening result in {cache}: {e}')
   return shapes

@@ -28,6 +28,7 @@ from alexnet_jax.data import augment
 from alexnet_jax.data import builtin_data
 from alexnet_jax.data import imagenet_archives
 from alexnet_jax.data import screening
+from alexnet_jax.runtime import console
 from alexnet_jax.runtime import distributed
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import host
@@ -122,8 +123,8 @@ def _folder_source(root: str, split: str, cache_dir: str) -> Source:
     try:
       files = sorted(os.listdir(folder)) if os.path.isdir(folder) else ()
     except OSError as e:
-      logging.warning('skipping class folder %s: %s', folder,
-                      (e.strerror or str(e)).lower())
+      console.warning(f'skipping class folder {folder}: '
+                      f'{(e.strerror or str(e)).lower()}')
       files = ()
     for file in files:
       if file.lower().endswith(IMAGE_EXTENSIONS):

@@ -1,16 +1,36 @@
-"""Joining a multi-process run (jax.distributed) before any JAX computation.
+"""Joining a multi-process run (jax.distributed) before any JAX computation,
+and leaving it: at the end, or when another process is lost.
 
 A single process skips it and runs as before. Several processes find each
 other from --coordinator_address, --num_processes and --process_id (the
 local launcher and the Kubernetes manifest in launch/ pass them), or, left
 out, from the environment JAX reads itself (SLURM, Open MPI, Cloud TPU).
+
+A lost process. By default, when one process stops sending heartbeats the
+coordination service has every other process abort (a C++ check failure
+and a crash dump), and a collective that meets the dead peer first raises
+a traceback. Instead, recoverability is on (jax_enable_recoverability: the
+service no longer aborts the others) and a thread in every process keeps
+asking the service which processes are alive (`_watch`): once one has been
+silent for the heartbeat timeout, dead or frozen, every other process ends
+with one error line that names it and the step the same command resumes
+from, and os._exit, which skips the shutdown that can no longer succeed.
+jaxlib's client also takes a missed_heartbeat_callback, but jaxlib 0.10.2
+cannot pass its status to a Python callback (std::bad_cast, then abort).
+One case is left to jaxlib: when process 0, which hosts the service, is
+lost, the others' clients abort at once.
 """
 
 import os
-from typing import Optional
+import re
+import sys
+import threading
+import time
+from typing import Callable, Optional
 
 import jax
 import numpy as np
+
 
 _SCHEDULER_PROCESS_COUNTS = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 
@@ -38,9 +58,119 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
     return
   # CPU devices of different processes talk over gloo (tests, demos).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.config.update('jax_enable_recoverability', True)
   jax.distributed.initialize(
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
+  _lost.heartbeat_timeout_s = heartbeat_timeout_s
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  if hasattr(jax_distributed.global_state.client, 'get_live_nodes'):
+    threading.Thread(target=_watch, name='alexnet_jax: process watch',
+                     daemon=True).start()
+
+
+class _Lost:
+  """What this process knows of a lost process, for its last line."""
+
+  def __init__(self):
+    self.stopping = threading.Event()   # the job is ending: stop watching
+    self.heartbeat_timeout_s = 100
+    # What to tell the user to do, e.g. where training resumes from.
+    self.resume_hint: Callable[[], str] = lambda: (
+        'run the same command to start again')
+
+
+_lost = _Lost()
+
+
+def on_loss_say(resume_hint: Callable[[], str]) -> None:
+  """What the error line tells the user when a process is lost from now on
+  (the training loop: the step the same command resumes from)."""
+  _lost.resume_hint = resume_hint
+
+
+def _lost_processes(live) -> str:
+  """'process 1' (or 'processes 1, 2'): those not among the `live` ones."""
+  lost = sorted(set(range(jax.process_count())) - set(live))
+  if not lost:
+    return ''
+  return f'process{"es" if len(lost) > 1 else ""} {", ".join(map(str, lost))}'
+
+
+def _exit_lost(lost: str) -> None:
+  lost = lost or 'another process'
+  try:
+    hint = _lost.resume_hint()
+  except Exception:  # pylint: disable=broad-except
+    hint = 'run the same command to resume from the latest checkpoint'
+  sys.stdout.flush()
+  print(f'error: {lost} of this job was lost (it stopped, or its host '
+        f'did): {hint}', file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access  # no shutdown barrier
+
+
+def is_collective_failure(error: BaseException) -> bool:
+  """Whether `error` is a collective that failed because a peer is gone."""
+  return (jax.process_count() > 1
+          and isinstance(error, jax.errors.JaxRuntimeError)
+          and re.search(r'Connection (reset|closed) by peer|Gloo|'
+                        r'UNAVAILABLE', str(error)) is not None)
+
+
+def _live() -> dict[int, int]:
+  """The processes the coordination service holds alive. Every live process
+  must ask (a barrier): it answers once all have, or once the others'
+  heartbeats have been missing for the heartbeat timeout."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client.get_live_nodes(
+      list(range(jax.process_count())))
+
+
+def _watch() -> None:
+  """In every process, ask again and again which processes are alive, so
+  that one that dies or hangs, anywhere, is found within the heartbeat
+  timeout even where no collective fails (a frozen process, a host gone
+  without closing its connections)."""
+  while True:
+    try:
+      live = _live()
+    except Exception:  # pylint: disable=broad-except
+      if _lost.stopping.is_set():
+        return   # the job is shutting down
+      _exit_lost('the coordinator (process 0)')   # the service is gone
+    if _lost.stopping.is_set():
+      return
+    if len(live) < jax.process_count():
+      _exit_lost(_lost_processes(live))
+    _lost.stopping.wait(1.0)
+
+
+def wait_for_the_watch(error: BaseException) -> None:
+  """After a collective failed because a peer is gone: the watch names the
+  lost process within the heartbeat timeout and ends this one. Where it
+  finds every process alive, `error` was something else: raise it."""
+  time.sleep(_lost.heartbeat_timeout_s + 10)
+  raise error
+
+
+def shutdown() -> None:
+  """Leave the job at its end, in an order that cannot fail when processes
+  end seconds apart: every process waits for all the others at a barrier;
+  then every process but 0 shuts its client down, and process 0, which
+  hosts the coordination service, waits until they have before it stops
+  the service. (With recoverability on, JAX's own shutdown barrier no
+  longer waits for the others, and a client whose service stops before it
+  has shut down aborts.)"""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  multihost_utils.sync_global_devices('alexnet_jax: the end')
+  _lost.stopping.set()
+  if jax.process_index() == 0:
+    deadline = time.monotonic() + _lost.heartbeat_timeout_s
+    while len(_live()) > 1 and time.monotonic() < deadline:
+      time.sleep(0.1)
+  jax.distributed.shutdown()
 
 
 def all_processes(value: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from typing import Iterator
 
-from absl import logging
 
+from alexnet_jax.runtime import console
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import files
 
@@ -100,8 +100,8 @@ def _take(path: str):
     return _take(path)[0], created
   stale = _read_holder(handle)
   if stale:
-    logging.warning('%s: taking over the lock of a job that is no longer '
-                    'running (%s)', path, _holder_text(stale))
+    console.warning(f'{path}: taking over the lock of a job that is no '
+                    f'longer running ({_holder_text(stale)})')
   handle.seek(0)
   handle.truncate()
   json.dump({'host': socket.gethostname(), 'pid': os.getpid(),
@@ -109,6 +109,19 @@ def _take(path: str):
              'command': ' '.join(sys.argv)}, handle)
   handle.flush()
   return handle, created
+
+
+# The lock this process holds, for release_now(): (workdir, handle, created).
+_held = None
+
+
+def release_now() -> None:
+  """Release the lock this process holds (if any), also before an exit
+  that skips every `finally` (a second Ctrl-C exits at once)."""
+  global _held
+  if _held is not None:
+    held, _held = _held, None
+    _release(*held)
 
 
 def _release(path: str, handle, created: bool) -> None:
@@ -138,11 +151,12 @@ def locked(workdir: str) -> Iterator[str]:
     failure = _broadcast_text(failure, multihost_utils)
   if failure:
     raise errors.UserError(failure)
+  global _held
+  _held = (path, *taken) if taken is not None else None
   try:
     yield path
   finally:
-    if taken is not None:
-      _release(path, *taken)
+    release_now()
 
 
 def _broadcast_text(text: str, multihost_utils) -> str:

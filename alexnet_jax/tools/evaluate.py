@@ -1,5 +1,8 @@
 """--mode=eval: a checkpoint, or an ensemble of them, scored on a split."""
 
+import os
+import time
+
 from alexnet_jax.data import sources
 from alexnet_jax.model import parallel
 from alexnet_jax.runtime import console
@@ -10,15 +13,16 @@ from alexnet_jax.train import steps
 
 
 def run(config, workdir: str, checkpoint: str = 'latest',
-        ensemble: tuple[str, ...] = (),
-        allow_config_change: bool = False) -> dict[str, float]:
+        ensemble: tuple[str, ...] = (), allow_config_change: bool = False,
+        data_note: str = '') -> dict[str, float]:
   """--mode=eval: evaluate a checkpoint of workdir on any mesh.
 
   checkpoint: 'latest', 'best' or a step. ensemble: more members as
   'WORKDIR' or 'WORKDIR@WHICH'; their softmax is averaged with workdir's, as
   in the paper's 5-network result. The metrics go to workdir's metrics.jsonl
-  at the checkpoint's step.
+  at the checkpoint's step. data_note: inference.with_training_data's.
   """
+  started = time.monotonic()
   mesh = parallel.make_mesh(config)
   specs = (f'{workdir}@{checkpoint}', *ensemble)
   params, member_steps = zip(*[inference.restore_params(config, mesh, spec,
@@ -32,9 +36,8 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   if ensemble:
     split = f'ensemble{len(specs)}_{config.eval.crops}crop'
     console.report('ensemble of ' + ', '.join(
-        f'{spec.partition("@")[0]}@{s}' for spec, s in zip(specs, member_steps)))
-  metric_writer.MetricWriter(workdir).write(step, split, metrics)
-  console.report(f'step {step} {split}: ' + ', '.join(
-      f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
-      for k, v in sorted(metrics.items())))
+        f'{os.path.abspath(spec.partition("@")[0])}@{s}'
+        for spec, s in zip(specs, member_steps)))
+  evaluation.record(metric_writer.MetricWriter(workdir), step, split, config,
+                    metrics, data_note, time.monotonic() - started)
   return metrics

@@ -1,6 +1,9 @@
 """A trained network as evaluation, predict, figures and export use it: its
 parameters from a checkpoint, its softmax and its fc7 features."""
 
+import json
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,34 @@ from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import xla_cpu
 from alexnet_jax.train import checkpoints
 from alexnet_jax.train import steps
+
+
+def with_training_data(config, workdir: str, checkpoint: str,
+                       set_on_command_line) -> tuple[Any, str]:
+  """config with the data of the checkpoint's training run, and a note.
+
+  A network is scored on the data it was trained on: the keys of
+  config.DATA_KEYS (the dataset, the seed that makes the built-in one)
+  come from the checkpoint's config, except those set_on_command_line
+  names. The note is '' where the data are the training run's, else
+  ', not the training run's NAME' for the result lines.
+  """
+  mngr = checkpoints.manager(workdir, read_only=True)
+  try:
+    stored = checkpoints.stored_config(
+        mngr, checkpoints.find_step(mngr, checkpoint))
+  except checkpoints.DamagedCheckpoint:
+    return config, ''   # restore_params says so, naming the other steps
+  trained = config_lib.with_values(
+      config, config_lib.stored_values(stored, config_lib.DATA_KEYS))
+  chosen = config_lib.with_values(trained, {
+      key: value for key, value in config_lib.stored_values(
+          json.loads(config.to_json()), config_lib.DATA_KEYS).items()
+      if key in set_on_command_line})
+  if config_lib.changes(json.loads(trained.to_json()), chosen,
+                        only=config_lib.DATA_KEYS):
+    return chosen, f', not the training run\'s {config_lib.data_name(trained)}'
+  return chosen, ''
 
 
 def restore_params(config, mesh, spec: str, allow_config_change: bool):

@@ -3,7 +3,9 @@
 Each image goes through the evaluation path of training (the centre crop,
 or the paper's 10 crops with their softmax averaged, as config.eval.crops
 says), so a file from the validation set gets the probabilities evaluation
-gave it. Class names come from the dataset's metadata.
+gave it. Class names come from the dataset's metadata. Files that cannot
+be used are named with the reason and left out, and repaired ones (a
+truncated JPEG) are named, as training screens its dataset.
 """
 
 import json
@@ -13,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from alexnet_jax.data import augment
+from alexnet_jax.data import screening
 from alexnet_jax.data import sources
 from alexnet_jax.runtime import errors
 from alexnet_jax.tools import inference
@@ -53,7 +56,13 @@ def load_image(config, path: str) -> np.ndarray:
 def run(config, workdir: str, checkpoint: str, paths,
         allow_config_change: bool = False) -> list[dict]:
   """Print (and return) one JSON line per image: its top 5 classes."""
-  files = image_files(paths)
+  named = image_files(paths)
+  files = [path for path, shape in zip(named, screening.check(named))
+           if shape is not None]
+  if not files:
+    raise errors.UserError(
+        f'none of the {len(named)} files given can be read as an image (each '
+        f'is named above with the reason): give JPEG or PNG files')
   params, step, names = inference.load('predict', config, workdir,
                                            checkpoint, allow_config_change)
   probabilities = inference.probabilities_fn(config)

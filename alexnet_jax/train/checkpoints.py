@@ -58,8 +58,8 @@ def directory(workdir: str) -> str:
 
 
 def _no_checkpoint(path) -> CheckpointError:
-  return CheckpointError(f'no checkpoint in {path}: train first, or point '
-                         f'--workdir at a training run')
+  return CheckpointError(f'no checkpoint in {path}: train first, or give '
+                         f'the workdir of a training run')
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
@@ -86,6 +86,23 @@ def manager(workdir: str, keep: Optional[int] = None,
       directory(workdir), options=options,
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'config': ocp.JsonCheckpointHandler()})
+
+
+def newest_on_disk(mngr: ocp.CheckpointManager) -> Optional[int]:
+  """The newest finished step in the folder (None if none), as it is now:
+  also where another process's save finished a moment ago."""
+  folder = str(mngr.directory)
+  steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if (
+      os.path.isdir(folder)) else []
+  return max(steps, default=None)
+
+
+def remove_if_empty(mngr: ocp.CheckpointManager) -> None:
+  """Remove the checkpoints folder where nothing was saved in it."""
+  folder = str(mngr.directory)
+  if jax.process_index() == 0 and os.path.isdir(folder) and not os.listdir(
+      folder):
+    os.rmdir(folder)
 
 
 def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -256,13 +273,23 @@ def _read(mngr: ocp.CheckpointManager, step: int, what: str, read):
                             ) from e
 
 
+def stored_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The config checkpoint `step` was made with, as JSON."""
+  return _read(mngr, step, 'config', lambda: mngr.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+
+
 def check_config(mngr: ocp.CheckpointManager, step: int, config,
                  only: Optional[tuple] = None, ignore: tuple = ()) -> None:
   """Refuse a config that differs from the one checkpoint `step` was made
   with, naming the keys (see config.changes for only and ignore)."""
-  stored = _read(mngr, step, 'config', lambda: mngr.restore(
-      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+  stored = stored_config(mngr, step)
   changed = config_lib.changes(stored, config, only=only, ignore=ignore)
+  reshaped = [c for c in changed if c.split(':')[0] in config_lib.SHAPE_KEYS]
+  if reshaped:   # --allow_config_change cannot help: the shapes differ
+    raise CheckpointError(
+        f'checkpoint {step} in {mngr.directory} holds another network: '
+        f'{"; ".join(reshaped)}. Use the values it was made with')
   if changed:
     raise CheckpointError(
         f'the config differs from the one checkpoint {step} in '

@@ -3,6 +3,7 @@ object per point) and to TensorBoard."""
 
 import json
 import os
+from typing import Optional
 
 import jax
 
@@ -18,8 +19,9 @@ class MetricWriter:
     self._summaries = {}
     self._workdir = workdir
 
-  def mark_replayed(self, step: int, splits=('train', 'eval')) -> None:
-    """Mark the points of `splits` after `step` as "replayed": true.
+  def mark_replayed(self, step: int) -> None:
+    """Mark the training and evaluation points after `step` as "replayed":
+    true.
 
     A run that resumes at `step` computes those steps again; the earlier
     points came from a stretch of training whose checkpoint was never kept.
@@ -36,7 +38,9 @@ class MetricWriter:
         record = json.loads(line)
       except ValueError:
         continue   # a line cut short by a crash
-      if (record.get('split') in splits and record.get('step', 0) > step
+      split = record.get('split', '')
+      if ((split == 'train' or split.startswith('eval'))
+          and record.get('step', 0) > step
           and not record.get('replayed')):
         record['replayed'] = True
         lines[i] = json.dumps(record) + '\n'
@@ -45,11 +49,14 @@ class MetricWriter:
       with files.atomic_write(self._path) as f:
         f.writelines(lines)
 
-  def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+  def write(self, step: int, split: str, scalars: dict[str, float],
+            labels: Optional[dict[str, str]] = None) -> None:
+    """scalars to metrics.jsonl and TensorBoard; labels (what the scalars
+    are of) to metrics.jsonl only."""
     if not self._active:
       return
     import tensorflow as tf  # TensorBoard events; not needed on GPU hosts
-    record = {'step': int(step), 'split': split}
+    record = {'step': int(step), 'split': split, **(labels or {})}
     record.update({k: float(v) for k, v in scalars.items()})
     with open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')

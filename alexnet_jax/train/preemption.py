@@ -16,6 +16,8 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
+from alexnet_jax.runtime import workdir
+
 
 class Stopped(Exception):
   """Training stopped at a request; its checkpoint is saved.
@@ -59,6 +61,7 @@ class StopRequests:
       print(f'interrupted again: exiting without saving; the checkpoints in '
             f'{self._mngr.directory} are as they were', file=sys.stderr,
             flush=True)
+      workdir.release_now()   # os._exit runs no `finally`
       os._exit(128 + signal.SIGINT)  # pylint: disable=protected-access
     self._interrupted = True
     if jax.process_index() == 0:

@@ -4,7 +4,6 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from absl import logging
 import jax
 import numpy as np
 
@@ -13,6 +12,7 @@ from alexnet_jax.data import sources
 from alexnet_jax.data import stream
 from alexnet_jax.model import parallel
 from alexnet_jax.runtime import console
+from alexnet_jax.runtime import distributed
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import files
 from alexnet_jax.runtime import host
@@ -126,8 +126,7 @@ def _resume_or_start(config, mesh, mngr, allow_config_change: bool):
           mngr, steps.abstract_train_state(config, mesh), step)
     except checkpoints.DamagedCheckpoint as e:
       moved = checkpoints.set_aside(mngr, step)
-      logging.warning('%s; moved to %s, resuming from an earlier one', e,
-                      moved)
+      console.warning(f'{e}; moved to {moved}, resuming from an earlier one')
   return steps.create_sharded_train_state(config, mesh)
 
 
@@ -142,16 +141,23 @@ EvalImages = Callable[[Any, sources.Source, tuple[str, ...]],
 def _evaluate(config, mesh, eval_step, eval_src, state, writer, figures_of):
   """Evaluate the state and log its metrics."""
   step = int(state.step)
-  metrics = evaluation.evaluate_params(config, mesh, eval_step, (state.params,),
-                                     eval_src)
-  writer.write(step, 'eval', metrics)
+  metrics = evaluation.evaluate_params(config, mesh, eval_step,
+                                       (state.params,), eval_src)
+  split = f'eval_{config.eval.crops}crop'
+  evaluation.record(writer, step, split, config, metrics)
   if figures_of is not None:
-    writer.write_images(step, 'eval', figures_of(state.params))
-  console.report(
-      f'step {step} eval_{config.eval.crops}crop: top1_error '
-      f'{metrics["top1_error"]:.4f}, '
-      f'top5_error {metrics["top5_error"]:.4f}, loss {metrics["loss"]:.4f}')
+    writer.write_images(step, split, figures_of(state.params))
   return metrics
+
+
+def _resume_hint(mngr) -> str:
+  """Where the same command would resume from, for the line a process
+  prints when another process of the job is lost."""
+  step = checkpoints.newest_on_disk(mngr)
+  if step is None:
+    return 'run the same command to start again (no checkpoint was saved yet)'
+  return (f'run the same command to resume from step {step} (its checkpoint '
+          f'is in {mngr.directory})')
 
 
 class _StepTrace:
@@ -204,87 +210,94 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   parallel.check_batch(config.batch_size, mesh, towers, 'batch_size')
   _check_memory(config, mesh)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
-  state = _resume_or_start(config, mesh, mngr, allow_config_change)
-  step = int(state.step)
-  if step > total_steps:
-    raise errors.UserError(
-        f'the checkpoint in {mngr.directory} is at step {step}, past '
-        f'num_train_steps={total_steps}: raise --config.num_train_steps (or '
-        f'num_epochs) to train on, or evaluate it with --mode=eval')
-  if step == total_steps:
-    console.report(f'the checkpoint in {mngr.directory} is at step '
-                         f'{step} of {total_steps}: training is complete')
-    return state
-  _write_config(config, workdir)
-  train_step = steps.make_train_step(config, mesh, steps_per_epoch)
-  eval_step = steps.make_eval_step(config, mesh)
-  writer = metric_writer.MetricWriter(workdir)
-  writer.mark_replayed(step)
-  figures_of = (eval_images(config, eval_src, names)
-                if eval_images and jax.process_count() == 1 else None)
+  distributed.on_loss_say(lambda: _resume_hint(mngr))
+  try:
+    state = _resume_or_start(config, mesh, mngr, allow_config_change)
+    step = int(state.step)
+    if step > total_steps:
+      raise errors.UserError(
+          f'the checkpoint in {mngr.directory} is at step {step}, past '
+          f'num_train_steps={total_steps}: raise --config.num_train_steps (or '
+          f'num_epochs) to train on, or evaluate it with --mode=eval')
+    if step == total_steps:
+      console.report(f'the checkpoint in {mngr.directory} is at step '
+                           f'{step} of {total_steps}: training is complete')
+      return state
+    _write_config(config, workdir)
+    train_step = steps.make_train_step(config, mesh, steps_per_epoch)
+    eval_step = steps.make_eval_step(config, mesh)
+    writer = metric_writer.MetricWriter(workdir)
+    writer.mark_replayed(step)
+    figures_of = (eval_images(config, eval_src, names)
+                  if eval_images and jax.process_count() == 1 else None)
 
-  batches = parallel.device_batches(stream.train_dataset(
-      config, train_src, start_step=step).as_numpy_iterator(), mesh, towers)
-  pending, last_log_time, last_log_step = [], time.time(), step
-  train_seconds, timed_steps, past_compilation = 0.0, 0, False
-  interrupts.raise_if_seen()  # a Ctrl-C dropped while starting up
-  console.report(
-      f'training {config.model.variant} for {total_steps} steps '
-      f'({steps_per_epoch} per epoch) from step {step} on mesh '
-      f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}')
-  trace = _StepTrace(profile_steps, workdir)
-  with preemption.StopRequests(mngr) as stop_requests:
-    while step < total_steps:
-      trace.before(step)
-      state, metrics = train_step(state, next(batches))
-      step += 1
-      trace.after(step, state)
-      pending.append(metrics)
-      if intervals.its_time('log', step):
-        means = {k: float(np.mean(v))
-                 for k, v in jax.device_get(
-                     jax.tree.map(lambda *xs: np.stack(xs), *pending)).items()}
-        pending = []
-        if not np.isfinite(means['loss']):
-          raise _diverged(mngr, f'the loss became {means["loss"]}', step)
-        now = time.time()
-        images_per_sec = ((step - last_log_step) * config.batch_size
-                          / (now - last_log_time))
-        if past_compilation:  # the first interval includes compiling
-          train_seconds += now - last_log_time
-          timed_steps += step - last_log_step
-        past_compilation = True
-        last_log_time, last_log_step = now, step
-        writer.write(step, 'train', dict(means, images_per_sec=images_per_sec))
-        _log_progress(step, total_steps, means, images_per_sec,
-                      eta_text(total_steps - step, train_seconds,
-                               timed_steps))
-      eval_metrics = None
-      if intervals.its_time('eval', step):
-        # Finish the queued train steps first, so their time stays in the
-        # train images/sec and out of the evaluation's.
-        jax.block_until_ready(state)
-        eval_started = time.time()
-        eval_metrics = _evaluate(config, mesh, eval_step, eval_src, state,
-                                 writer, figures_of)
-        if config.lr_schedule == 'plateau':  # the rate falls on a plateau
-          state = state.replace(plateau=optimizer.update_plateau(
-              state.plateau, eval_metrics['top1_error'],
-              patience=config.plateau.patience,
-              max_reductions=config.plateau.max_reductions,
-              min_delta=config.plateau.min_delta))
-        last_log_time += time.time() - eval_started
-      stopping = stop_requests.requested(step)
-      if (eval_metrics is not None or stopping
-          or intervals.its_time('checkpoint', step)):
-        if not steps.all_finite(state.params):
-          raise _diverged(mngr, 'the parameters became non-finite', step)
-        checkpoints.save(mngr, state, config, eval_metrics)
-      if stopping and step < total_steps:
-        checkpoints.finish(mngr)
-        raise preemption.Stopped(
-            f'stopped at step {step} on request; its checkpoint is saved in '
-            f'{mngr.directory}: run the same command to resume',
-            stop_requests.exit_status)
-  checkpoints.finish(mngr)
-  return state
+    batches = parallel.device_batches(stream.train_dataset(
+        config, train_src, start_step=step).as_numpy_iterator(), mesh, towers)
+    pending, last_log_time, last_log_step = [], time.time(), step
+    train_seconds, timed_steps, past_compilation = 0.0, 0, False
+    interrupts.raise_if_seen()  # a Ctrl-C dropped while starting up
+    console.report(
+        f'training {config.model.variant} for {total_steps} steps '
+        f'({steps_per_epoch} per epoch) from step {step} on mesh '
+        f'data={mesh.shape[parallel.DATA]}, tower={mesh.shape[parallel.TOWER]}')
+    trace = _StepTrace(profile_steps, workdir)
+    with preemption.StopRequests(mngr) as stop_requests:
+      while step < total_steps:
+        trace.before(step)
+        state, metrics = train_step(state, next(batches))
+        step += 1
+        trace.after(step, state)
+        pending.append(metrics)
+        if intervals.its_time('log', step):
+          stacked = jax.tree.map(lambda *xs: np.stack(xs), *pending)
+          means = {k: float(np.mean(v))
+                   for k, v in jax.device_get(stacked).items()}
+          pending = []
+          if not np.isfinite(means['loss']):
+            raise _diverged(mngr, f'the loss became {means["loss"]}', step)
+          now = time.time()
+          images_per_sec = ((step - last_log_step) * config.batch_size
+                            / (now - last_log_time))
+          if past_compilation:  # the first interval includes compiling
+            train_seconds += now - last_log_time
+            timed_steps += step - last_log_step
+          past_compilation = True
+          last_log_time, last_log_step = now, step
+          writer.write(step, 'train',
+                       dict(means, images_per_sec=images_per_sec))
+          _log_progress(step, total_steps, means, images_per_sec,
+                        eta_text(total_steps - step, train_seconds,
+                                 timed_steps))
+        eval_metrics = None
+        if intervals.its_time('eval', step):
+          # Finish the queued train steps first, so their time stays in the
+          # train images/sec and out of the evaluation's.
+          jax.block_until_ready(state)
+          eval_started = time.time()
+          eval_metrics = _evaluate(config, mesh, eval_step, eval_src, state,
+                                   writer, figures_of)
+          if config.lr_schedule == 'plateau':  # the rate falls on a plateau
+            state = state.replace(plateau=optimizer.update_plateau(
+                state.plateau, eval_metrics['top1_error'],
+                patience=config.plateau.patience,
+                max_reductions=config.plateau.max_reductions,
+                min_delta=config.plateau.min_delta))
+          last_log_time += time.time() - eval_started
+        stopping = stop_requests.requested(step)
+        if (eval_metrics is not None or stopping
+            or intervals.its_time('checkpoint', step)):
+          if not steps.all_finite(state.params):
+            raise _diverged(mngr, 'the parameters became non-finite', step)
+          checkpoints.save(mngr, state, config, eval_metrics)
+        if stopping and step < total_steps:
+          checkpoints.finish(mngr)
+          raise preemption.Stopped(
+              f'stopped at step {step} on request; its checkpoint is saved in '
+              f'{mngr.directory}: run the same command to resume',
+              stop_requests.exit_status)
+    checkpoints.finish(mngr)
+    return state
+  finally:
+    # A run stopped before its first save (a Ctrl-C while it compiles)
+    # leaves no empty checkpoints folder behind.
+    checkpoints.remove_if_empty(mngr)
