@@ -143,8 +143,8 @@ def _run(mode: str, config, workdir: str) -> None:
         set_on_command_line=config_flags.get_override_values(
             flags.FLAGS['config']))
     if data_note and mode != 'eval':   # eval says so in its result line
-      console.report(f'--mode={mode} on {config_lib.data_name(config)}'
-                     f'{data_note}')
+      console.warning(f'--mode={mode} on {config_lib.data_name(config)}'
+                      f'{data_note}')
   jobs = {
       'train': lambda: trainer.train_and_evaluate(
           config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
@@ -176,6 +176,16 @@ def _run(mode: str, config, workdir: str) -> None:
 
 
 def main(argv):
+  from alexnet_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    _main(argv)
+  except SystemExit as e:
+    distributed.end(e.code)
+    raise
+  distributed.end(0)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from alexnet_jax.runtime import console  # pylint: disable=g-import-not-at-top
@@ -197,18 +207,22 @@ def main(argv):
                            _NUM_PROCESSES.value, _PROCESS_ID.value,
                            _HEARTBEAT_TIMEOUT.value)
     _run(_MODE.value, _CONFIG.value, workdir)
-    distributed.shutdown()
+    distributed.leave(together=True)
   except errors.UserError as e:
+    distributed.leave()
     errors.exit_with_error(str(e), 1)
-  except preemption.Stopped as e:
+  except preemption.Stopped as e:   # every process stopped at this step
+    distributed.leave(together=True)
     print(e, file=sys.stderr, flush=True)
     sys.exit(e.exit_status)
   except KeyboardInterrupt:
+    distributed.leave()
     errors.exit_with_error('interrupted before training started or after it '
                            'ended: nothing more was saved', 130)
   except OSError as e:
     if e.errno != errno.ENOSPC:
       raise
+    distributed.leave()
     errors.exit_with_error(f'the disk is full ({e.filename or e}): free some '
                            f'space, then run the same command again', 1)
   except Exception as e:  # pylint: disable=broad-except

@@ -1,4 +1,5 @@
-"""The network the paper describes (two towers); the same as ilsvrc2012.py."""
+"""ilsvrc2012.py under the variant's name, so that each variant has a
+config file of its name."""
 
 from alexnet_jax import config as config_lib
 

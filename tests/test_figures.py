@@ -68,6 +68,9 @@ def test_a_prediction_panel_draws_bars_as_long_as_the_probabilities():
   assert bar_length(0, figures._OTHER) == round(0.5 * (figures.TILE - 1)) + 1
   assert bar_length(1, figures._TRUE) == round(0.25 * (figures.TILE - 1)) + 1
   assert bar_length(1, figures._OTHER) == 0
+  # Each bar's probability is written right of the bars' room.
+  numbers = panel[figures.TILE + 16:, figures.TILE:]
+  assert (numbers < 128).any()
 
 
 @pytest.fixture(scope='module')
@@ -171,16 +174,21 @@ def test_figures_show_the_kernels_and_the_true_nearest_neighbours(
   run_main(*tiny_flags(data_dir), f'--workdir={workdir}', '--mode=figures',
            '--figure_pool=40')
   out = os.path.join(workdir, 'figures')
-  grid = np.asarray(Image.open(os.path.join(out, 'conv1_kernels.png')))
+  figure = np.asarray(Image.open(os.path.join(out, 'conv1_kernels.png')))
+  grid = figures.conv1_grid(params['conv1']['kernel'])
+  # The grid under its title, right of the towers' labels, which are there.
   np.testing.assert_array_equal(
-      grid, figures.conv1_grid(params['conv1']['kernel']))
+      figure[figures.HEADER:, figures.LABEL_WIDTH:], grid)
+  assert (figure[:figures.HEADER] < 128).any()          # the title
+  assert (figure[figures.HEADER:, :figures.LABEL_WIDTH] < 128).any()
   with open(os.path.join(out, 'figures.json')) as f:
     numbers = json.load(f)
   assert len(numbers['predictions']) == figures.PREDICTION_IMAGES
   # Two rows of four panels, 4 pixels apart.
   panel_height = figures.TILE + 16 + 5 * figures.BAR_HEIGHT
   assert Image.open(os.path.join(out, 'predictions.png')).size == (
-      4 * (figures.TILE + 4) + 4, 2 * (panel_height + 4) + 4)
+      4 * (figures.TILE + figures.NUMBER_WIDTH + 4) + 4,
+      figures.HEADER + 2 * (panel_height + 4) + 4)
 
   # fc7 of every pool image and query, recomputed here; compare each pair.
   config = command_line.tiny_config(data_dir)

@@ -4,7 +4,6 @@ import dataclasses
 import fcntl
 import hashlib
 import io
-import logging
 import os
 
 import numpy as np
@@ -243,7 +242,7 @@ def _encode(array, fmt='JPEG', mode=None):
 
 def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
                                                              tmp_path,
-                                                             caplog):
+                                                             capsys):
   rng = np.random.default_rng(0)
   photo = rng.integers(0, 256, (120, 160, 3), np.uint8)
   files = {
@@ -266,9 +265,9 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   tiny_config.dataset.name = f'folder:{tmp_path}/data'
   tiny_config.dataset.data_dir = str(tmp_path / 'cache')
   tiny_config.batch_size, tiny_config.eval.batch_size = 7, 4
-  with caplog.at_level(logging.WARNING):
-    src = sources.source(tiny_config, 'train')
-  log = caplog.text
+  capsys.readouterr()
+  src = sources.source(tiny_config, 'train')
+  log = capsys.readouterr().err
   for name in ('garbage.jpeg', 'empty.jpeg', 'header_then_garbage.jpeg'):
     assert f'skipping {tmp_path}/data/train/thing/{name}' in log
   for name in ('truncated.jpeg', 'cmyk.jpeg', 'grey.jpeg', 'png_named.JPEG'):
@@ -293,10 +292,9 @@ def test_bad_files_are_skipped_or_repaired_and_each_is_named(tiny_config,
   assert sum(m.sum() for m in masks) == 7 and len(masks) == 2
   # The screening result is kept: a second look decodes nothing and logs
   # nothing.
-  caplog.clear()
-  with caplog.at_level(logging.WARNING):
-    again = sources.source(tiny_config, 'train')
-  assert again.num_local == 7 and 'skipping' not in caplog.text
+  capsys.readouterr()
+  again = sources.source(tiny_config, 'train')
+  assert again.num_local == 7 and 'skipping' not in capsys.readouterr().err
   np.testing.assert_array_equal(again.shapes, shapes)
 
 
@@ -319,7 +317,7 @@ def test_the_train_stream_is_the_same_for_any_number_of_processes(
 
 
 def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
-    tmp_path, monkeypatch, caplog):
+    tmp_path, monkeypatch, capsys):
   """As after a chmod, which changes neither size nor time: the first look
   cannot read b.jpeg, the second can, and then it is used."""
   folder = tmp_path / 'data'
@@ -341,23 +339,22 @@ def test_a_file_unreadable_once_is_tried_again_and_never_cached_as_bad(
                       lambda p: 'permission denied' if p == unreadable
                       else None)
   cache = str(tmp_path / 'cache')
-  with caplog.at_level(logging.WARNING):
-    assert screening.screen(paths, cache) == [(40, 50), None, None]
-  assert f'skipping {unreadable}: permission denied' in caplog.text
-  assert f'skipping {paths[2]}: ' in caplog.text
-  assert 'Unknown image file format' in caplog.text  # TF's reason, bare
-  assert '{{' not in caplog.text and '[Op:' not in caplog.text
+  capsys.readouterr()
+  assert screening.screen(paths, cache) == [(40, 50), None, None]
+  log = capsys.readouterr().err
+  assert f'warning: skipping {unreadable}: permission denied' in log
+  assert f'skipping {paths[2]}: ' in log
+  assert 'Unknown image file format' in log  # TF's reason, bare
+  assert '{{' not in log and '[Op:' not in log
 
   monkeypatch.undo()  # readable again, nothing else changed
-  caplog.clear()
-  with caplog.at_level(logging.WARNING):
-    assert screening.screen(paths, cache) == [(40, 50), (30, 50), None]
-  assert 'b.jpeg' not in caplog.text
+  assert screening.screen(paths, cache) == [(40, 50), (30, 50), None]
+  assert 'b.jpeg' not in capsys.readouterr().err
   assert screening.screen(paths, cache) == [(40, 50), (30, 50), None]
 
 
 def test_a_symlink_loop_and_a_dangling_link_are_skipped_with_their_reasons(
-    tiny_config, tmp_path, caplog):
+    tiny_config, tmp_path, capsys):
   rng = np.random.default_rng(1)
   for split in ('train', 'validation'):
     for label in ('a', 'b'):
@@ -371,12 +368,12 @@ def test_a_symlink_loop_and_a_dangling_link_are_skipped_with_their_reasons(
   os.symlink(str(tmp_path / 'gone.jpeg'), train / 'a' / 'dangling.jpeg')
   tiny_config.dataset.name = f'folder:{tmp_path}/data'
   tiny_config.dataset.data_dir = str(tmp_path / 'cache')
-  with caplog.at_level(logging.WARNING):
-    src = sources.source(tiny_config, 'train')
+  capsys.readouterr()
+  src = sources.source(tiny_config, 'train')
+  log = capsys.readouterr().err
   assert src.num_examples == 6
-  assert f'{train}/a/loop.jpeg: too many levels of symbolic links' in (
-      caplog.text)
-  assert f'{train}/a/dangling.jpeg: no such file or directory' in caplog.text
+  assert f'{train}/a/loop.jpeg: too many levels of symbolic links' in log
+  assert f'{train}/a/dangling.jpeg: no such file or directory' in log
 
 
 def test_a_torchvision_style_val_folder_is_the_evaluation_split(

@@ -1,5 +1,6 @@
 """Several processes on this machine as one job: jax.distributed over gloo."""
 
+import contextlib
 import json
 import os
 import signal
@@ -69,9 +70,21 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_two_processes(flags, stderr_dir=None):
-  """Processes 0 and 1 of a job, 2 CPU devices each; process 0's stdout is
-  readable, and each one's stderr is in stderr_dir/process<I>.txt if given."""
+@contextlib.contextmanager
+def _two_processes(flags, stderr_dir=None):
+  """Processes 0 and 1 of a job, 2 CPU devices each, killed on the way out
+  if still running; process 0's stdout is readable, and each one's stderr
+  is in stderr_dir/process<I>.txt if given."""
+  processes = _start_two_processes(flags, stderr_dir)
+  try:
+    yield processes
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+
+
+def _start_two_processes(flags, stderr_dir):
   address = f'localhost:{_free_port()}'
   return [subprocess.Popen(
       [sys.executable, '-m', 'alexnet_jax.main', *flags,
@@ -113,8 +126,7 @@ def test_when_a_process_dies_the_other_stops_and_the_job_resumes(
   """The survivor ends within the heartbeat timeout (20 s here) with one
   line that names the lost process and the step to resume from."""
   flags = _long_run_flags(data_dir, tmp_path)
-  processes = _start_two_processes(flags, stderr_dir=tmp_path)
-  try:
+  with _two_processes(flags, stderr_dir=tmp_path) as processes:
     _read_until(processes[0], 'step 3/')
     deadline = time.monotonic() + 60
     while 2 not in _saved_steps(tmp_path):  # the save finishes in the back
@@ -124,10 +136,6 @@ def test_when_a_process_dies_the_other_stops_and_the_job_resumes(
     killed_at = time.monotonic()
     processes[0].wait(timeout=120)
     waited = time.monotonic() - killed_at
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
   assert processes[0].returncode == 1
   print(f'process 0 stopped {waited:.1f} s after process 1 was killed')
   assert waited < 20 + 10, f'process 0 took {waited:.0f} s to stop'
@@ -152,18 +160,13 @@ def test_processes_that_end_seconds_apart_exit_cleanly(tmp_path, data_dir):
   still shut down and exit 0, with no abort."""
   flags = [*tiny_flags(data_dir, eval_batch=8), f'--workdir={tmp_path}',
            *MESH_2X2, '--heartbeat_timeout_s=20']
-  processes = _start_two_processes(flags, stderr_dir=tmp_path)
-  try:
+  with _two_processes(flags, stderr_dir=tmp_path) as processes:
     _read_until(processes[0], 'step 4 eval_1crop')
     processes[1].send_signal(signal.SIGSTOP)
     time.sleep(5)
     processes[1].send_signal(signal.SIGCONT)
     for process in processes:
       process.wait(timeout=120)
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
   for index, process in enumerate(processes):
     stderr = (tmp_path / f'process{index}.txt').read_text()
     assert process.returncode == 0, stderr[-3000:]
@@ -180,17 +183,12 @@ def test_sigterm_to_every_process_saves_one_step_and_stops_them_all(
   flags = [*_long_run_flags(data_dir, tmp_path),
            '--config.checkpoint_every_steps=1000',
            '--config.eval_every_steps=0']
-  processes = _start_two_processes(flags)
-  try:
+  with _two_processes(flags) as processes:
     _read_until(processes[0], 'step 3/')
     for process in processes:
       process.send_signal(signal.SIGTERM)
     for process in processes:
       process.wait(timeout=120)
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
   assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2
   (saved,) = _saved_steps(tmp_path)
   assert 3 <= saved < 400

@@ -63,18 +63,20 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
       coordinator_address=coordinator_address, num_processes=num_processes,
       process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
   _lost.heartbeat_timeout_s = heartbeat_timeout_s
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  if hasattr(jax_distributed.global_state.client, 'get_live_nodes'):
+  _lost.live = {process: 0 for process in range(jax.process_count())}
+  if hasattr(_client(), 'get_live_nodes'):
     threading.Thread(target=_watch, name='alexnet_jax: process watch',
                      daemon=True).start()
 
 
 class _Lost:
-  """What this process knows of a lost process, for its last line."""
+  """What this process knows of the others, for its last line."""
 
   def __init__(self):
-    self.stopping = threading.Event()   # the job is ending: stop watching
     self.heartbeat_timeout_s = 100
+    self.leaving = False                # the job is ending: none is lost
+    self.stopping = threading.Event()   # stop watching
+    self.live: dict[int, int] = {}      # the watch's latest answer
     # What to tell the user to do, e.g. where training resumes from.
     self.resume_hint: Callable[[], str] = lambda: (
         'run the same command to start again')
@@ -117,32 +119,30 @@ def is_collective_failure(error: BaseException) -> bool:
                         r'UNAVAILABLE', str(error)) is not None)
 
 
-def _live() -> dict[int, int]:
-  """The processes the coordination service holds alive. Every live process
-  must ask (a barrier): it answers once all have, or once the others'
-  heartbeats have been missing for the heartbeat timeout."""
+def _client():
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  return jax_distributed.global_state.client.get_live_nodes(
-      list(range(jax.process_count())))
+  return jax_distributed.global_state.client
 
 
 def _watch() -> None:
-  """In every process, ask again and again which processes are alive, so
-  that one that dies or hangs, anywhere, is found within the heartbeat
-  timeout even where no collective fails (a frozen process, a host gone
-  without closing its connections)."""
-  while True:
+  """In every process, ask the coordination service again and again which
+  processes are alive, so that one that dies or hangs, anywhere, is found
+  within the heartbeat timeout even where no collective fails (a frozen
+  process, a host gone without closing its connections). Every live
+  process must ask (get_live_nodes is a barrier): it answers once all
+  have, or once the others' heartbeats have been missing for the timeout.
+  This thread makes every such call of its process."""
+  while not _lost.stopping.is_set():
     try:
-      live = _live()
+      live = _client().get_live_nodes(list(range(jax.process_count())))
     except Exception:  # pylint: disable=broad-except
-      if _lost.stopping.is_set():
+      if _lost.leaving:
         return   # the job is shutting down
       _exit_lost('the coordinator (process 0)')   # the service is gone
-    if _lost.stopping.is_set():
-      return
-    if len(live) < jax.process_count():
+    _lost.live = live
+    if len(live) < jax.process_count() and not _lost.leaving:
       _exit_lost(_lost_processes(live))
-    _lost.stopping.wait(1.0)
+    _lost.stopping.wait(0.1 if _lost.leaving else 1.0)
 
 
 def wait_for_the_watch(error: BaseException) -> None:
@@ -153,24 +153,43 @@ def wait_for_the_watch(error: BaseException) -> None:
   raise error
 
 
-def shutdown() -> None:
-  """Leave the job at its end, in an order that cannot fail when processes
-  end seconds apart: every process waits for all the others at a barrier;
-  then every process but 0 shuts its client down, and process 0, which
-  hosts the coordination service, waits until they have before it stops
-  the service. (With recoverability on, JAX's own shutdown barrier no
-  longer waits for the others, and a client whose service stops before it
-  has shut down aborts.)"""
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  multihost_utils.sync_global_devices('alexnet_jax: the end')
-  _lost.stopping.set()
+def leave(together: bool = False) -> None:
+  """Leave the job, in an order that cannot fail when processes end seconds
+  apart. together: every process ends here (the run finished, or stopped
+  at one step), so they first meet at a barrier. Then every process but 0
+  shuts its client down, and process 0, which hosts the coordination
+  service, stops it only once its watch sees the others gone (at most the
+  heartbeat timeout). With recoverability on, JAX's own shutdown barrier
+  no longer waits for the others, and a client whose service stops before
+  it has shut down aborts."""
+  if _client() is None:
+    return   # a single process, or one that never joined
+  if together:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('alexnet_jax: the end')
+  _lost.leaving = True
   if jax.process_index() == 0:
     deadline = time.monotonic() + _lost.heartbeat_timeout_s
-    while len(_live()) > 1 and time.monotonic() < deadline:
+    while len(_lost.live) > 1 and time.monotonic() < deadline:
       time.sleep(0.1)
+  _lost.stopping.set()
   jax.distributed.shutdown()
+
+
+def end(status) -> None:
+  """End a process that joined a job with exit status `status` (as
+  sys.exit takes it), without Python's interpreter shutdown: there, a
+  daemon thread of jaxlib or Orbax that wakes in C++ is unwound by force
+  and aborts the process ('FATAL: exception not rethrown'). The exit
+  handlers run first, as at a normal exit. A single process returns."""
+  if _client() is None and not _lost.leaving:
+    return
+  import atexit  # pylint: disable=g-import-not-at-top
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  sys.stdout.flush()
+  sys.stderr.flush()
+  code = 0 if status is None else status if isinstance(status, int) else 1
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def all_processes(value: np.ndarray) -> np.ndarray:

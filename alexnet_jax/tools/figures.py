@@ -34,6 +34,10 @@ TOWER_GAP = 8          # between the towers' blocks
 KERNELS_PER_ROW = 16
 TILE = 128             # an image's side in the panels
 BAR_HEIGHT = 14
+NUMBER_WIDTH = 34      # right of a bar: its probability
+HEADER = 18            # a figure's title strip
+LABEL_WIDTH = 56       # left of the conv1 grid: the tower's name
+QUERY_GAP = 16         # between the queries and their neighbours
 PREDICTION_IMAGES = 8  # the paper shows 8
 QUERIES = 5            # and 5 queries with 6 neighbours each
 NEIGHBOURS = 6
@@ -74,14 +78,41 @@ def conv1_grid(kernels: np.ndarray) -> np.ndarray:
   return grid
 
 
+def with_title(image: np.ndarray, title: str,
+               labels: tuple[tuple[int, str], ...] = ()) -> np.ndarray:
+  """image under a title strip (HEADER high), with a LABEL_WIDTH margin on
+  its left holding each (row, text) of `labels` where there are any."""
+  left = LABEL_WIDTH if labels else 0
+  h, w, _ = image.shape
+  out = Image.new('RGB', (left + w, HEADER + h), 'white')
+  out.paste(Image.fromarray(image), (left, HEADER))
+  draw = ImageDraw.Draw(out)
+  draw.text((4, 3), title, fill=_TEXT)
+  for row, text in labels:
+    draw.text((4, HEADER + row), text, fill=_TEXT)
+  return np.asarray(out)
+
+
+def conv1_figure(kernels: np.ndarray, step: int) -> np.ndarray:
+  """Figure 3: conv1_grid under its title, each tower's block labelled."""
+  towers, k, _, _, per_tower = kernels.shape
+  labels = tuple((kernel_cell(t, 0, k, per_tower)[0], f'tower {t}')
+                 for t in range(towers))
+  return with_title(conv1_grid(kernels),
+                    f'conv1 kernels at step {step}, {per_tower} per tower',
+                    labels)
+
+
 def _tile(image: np.ndarray) -> Image.Image:
   return Image.fromarray(image).resize((TILE, TILE), Image.Resampling.BILINEAR)
 
 
 def prediction_panel(image: np.ndarray, true_name: str,
                      top5: list[list]) -> np.ndarray:
-  """An image, its class, and five bars as long as the top-5 probabilities."""
-  panel = Image.new('RGB', (TILE, TILE + 16 + 5 * BAR_HEIGHT), 'white')
+  """An image, its class, and five bars as long as the top-5 probabilities,
+  each with its probability to its right."""
+  panel = Image.new('RGB', (TILE + NUMBER_WIDTH,
+                            TILE + 16 + 5 * BAR_HEIGHT), 'white')
   panel.paste(_tile(image), (0, 0))
   draw = ImageDraw.Draw(panel)
   draw.text((2, TILE + 2), true_name, fill=_TEXT)
@@ -91,6 +122,7 @@ def prediction_panel(image: np.ndarray, true_name: str,
     draw.rectangle((0, top + 1, round(probability * (TILE - 1)),
                     top + BAR_HEIGHT - 2), fill=colour)
     draw.text((2, top + 1), name, fill=_TEXT)
+    draw.text((TILE + 3, top + 1), f'{probability:.2f}', fill=_TEXT)
   return np.asarray(panel)
 
 
@@ -177,14 +209,16 @@ def run(config, workdir: str, checkpoint: str, pool_size: int,
       'figures', config, workdir, checkpoint, allow_config_change)
   out = os.path.join(workdir, 'figures')
   os.makedirs(out, exist_ok=True)
-  save_png(conv1_grid(np.asarray(params['conv1']['kernel'])),
+  save_png(conv1_figure(np.asarray(params['conv1']['kernel']), step),
            os.path.join(out, 'conv1_kernels.png'))
 
   eval_src = sources.source(config, config.dataset.eval_split)
   shown = first(config, eval_src, PREDICTION_IMAGES)
   figure, tops = prediction_figure(inference.probabilities_fn(config), params,
                                    names, shown['image'], shown['label'])
-  save_png(figure, os.path.join(out, 'predictions.png'))
+  save_png(with_title(figure, f'top 5 at step {step}: the true class in '
+                              f'red'),
+           os.path.join(out, 'predictions.png'))
 
   # Figure 4, right: fc7 of the queries against a sample of training images.
   model, mean = alexnet.build(config), device_preprocessing.mean(config)
@@ -208,11 +242,15 @@ def run(config, workdir: str, checkpoint: str, pool_size: int,
     for image, index in zip(batch['image'], batch['index']):
       if int(index) in wanted:
         pictures[int(index)] = image
-  rows = []
-  for query, row in zip(queries, order):
-    rows += [np.asarray(_tile(query))] + [
-        np.asarray(_tile(pictures[int(pool_indices[i])])) for i in row]
-  save_png(grid(rows, columns=1 + NEIGHBOURS),
+  query_column = grid([np.asarray(_tile(query)) for query in queries], 1)
+  neighbour_columns = grid([np.asarray(_tile(pictures[int(pool_indices[i])]))
+                            for row in order for i in row], NEIGHBOURS)
+  gap = np.full((query_column.shape[0], QUERY_GAP, 3), 255, np.uint8)
+  gap[:, QUERY_GAP // 2] = 0   # a line between the queries and the rest
+  save_png(with_title(np.concatenate([query_column, gap, neighbour_columns],
+                                     axis=1),
+                      f'queries (left) and the {NEIGHBOURS} training images '
+                      f'nearest each in fc7 space, step {step}'),
            os.path.join(out, 'neighbours.png'))
 
   numbers = {

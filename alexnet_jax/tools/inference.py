@@ -35,12 +35,11 @@ def with_training_data(config, workdir: str, checkpoint: str,
         mngr, checkpoints.find_step(mngr, checkpoint))
   except checkpoints.DamagedCheckpoint:
     return config, ''   # restore_params says so, naming the other steps
-  trained = config_lib.with_values(
-      config, config_lib.stored_values(stored, config_lib.DATA_KEYS))
-  chosen = config_lib.with_values(trained, {
-      key: value for key, value in config_lib.stored_values(
-          json.loads(config.to_json()), config_lib.DATA_KEYS).items()
-      if key in set_on_command_line})
+  data = config_lib.stored_values(stored, config_lib.DATA_KEYS)
+  trained = config_lib.with_values(config, data)
+  chosen = config_lib.with_values(config, {
+      key: value for key, value in data.items()
+      if key not in set_on_command_line})
   if config_lib.changes(json.loads(trained.to_json()), chosen,
                         only=config_lib.DATA_KEYS):
     return chosen, f', not the training run\'s {config_lib.data_name(trained)}'
