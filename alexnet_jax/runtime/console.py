@@ -1,4 +1,5 @@
-"""The program's own lines on stdout: progress, results and notices."""
+"""The program's own lines: progress and results on stdout, warnings on
+stderr, each one plain line."""
 
 import sys
 

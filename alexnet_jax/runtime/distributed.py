@@ -64,7 +64,8 @@ def initialize(mode: str = 'auto', coordinator_address: Optional[str] = None,
       process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
   _lost.heartbeat_timeout_s = heartbeat_timeout_s
   _lost.live = {process: 0 for process in range(jax.process_count())}
-  if hasattr(_client(), 'get_live_nodes'):
+  if hasattr(_client(), 'get_live_nodes'):   # a private jaxlib call
+    _lost.watching = True
     threading.Thread(target=_watch, name='alexnet_jax: process watch',
                      daemon=True).start()
 
@@ -74,6 +75,7 @@ class _Lost:
 
   def __init__(self):
     self.heartbeat_timeout_s = 100
+    self.watching = False               # _watch runs
     self.leaving = False                # the job is ending: none is lost
     self.stopping = threading.Event()   # stop watching
     self.live: dict[int, int] = {}      # the watch's latest answer
@@ -168,7 +170,7 @@ def leave(together: bool = False) -> None:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('alexnet_jax: the end')
   _lost.leaving = True
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and _lost.watching:
     deadline = time.monotonic() + _lost.heartbeat_timeout_s
     while len(_lost.live) > 1 and time.monotonic() < deadline:
       time.sleep(0.1)
