@@ -16,7 +16,7 @@ import command_line
 
 def test_train_step_benchmark_reports_a_rate_per_repeat(tiny_config):
   result = compute.time_train_step(tiny_config, warmup=1, repeats=2,
-                                     steps_per_repeat=1)
+                                   steps_per_repeat=1)
   assert len(result['repeats']) == 2 and result['images_per_sec'] > 0
   assert isinstance(result['page_faults_per_step'], int)
   # The reported rate is the median of the repeats (of two: their mean).
@@ -36,7 +36,7 @@ def test_checkpoint_benchmark_saves_and_restores_the_train_state(tiny_config):
 
 def test_end_to_end_benchmark_names_the_slower_of_input_and_step(tiny_config):
   result = data.time_end_to_end(tiny_config, warmup=1, repeats=2,
-                                     steps_per_repeat=2)
+                                steps_per_repeat=2)
   alone = {'input_pipeline': result['input_pipeline_images_per_sec'],
            'train_step': result['train_step_images_per_sec']}
   assert min(alone.values()) > 0 and result['images_per_sec'] > 0

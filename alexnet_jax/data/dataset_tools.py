@@ -242,8 +242,7 @@ def stats(config, workdir: str) -> dataset_stats.Stats:
     # This process's part of the stream's first stats_examples positions.
     local = -(-min(config.dataset.stats_examples, src.num_examples)
               // jax.process_count())
-    ds = stream.positioned_examples(config, src, 0, local,
-                                            sums).take(local)
+    ds = stream.positioned_examples(config, src, 0, local, sums).take(local)
   ds = ds.batch(64)
   size = config.resize_size
   image_sum, outer_sum, count = np.zeros((size, size, 3)), np.zeros((3, 3)), 0

@@ -25,9 +25,9 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   started = time.monotonic()
   mesh = parallel.make_mesh(config)
   specs = (f'{workdir}@{checkpoint}', *ensemble)
-  params, member_steps = zip(*[inference.restore_params(config, mesh, spec,
-                                                 allow_config_change)
-                        for spec in specs])
+  params, member_steps = zip(*[
+      inference.restore_params(config, mesh, spec, allow_config_change)
+      for spec in specs])
   src = sources.training_source(config, config.dataset.eval_split)
   metrics = evaluation.evaluate_params(
       config, mesh, steps.make_eval_step(config, mesh), params, src)

@@ -64,7 +64,7 @@ def run(config, workdir: str, checkpoint: str, paths,
         f'none of the {len(named)} files given can be read as an image (each '
         f'is named above with the reason): give JPEG or PNG files')
   params, step, names = inference.load('predict', config, workdir,
-                                           checkpoint, allow_config_change)
+                                       checkpoint, allow_config_change)
   probabilities = inference.probabilities_fn(config)
   results = []
   batch = config.eval.batch_size

@@ -194,13 +194,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   to draw to TensorBoard at each evaluation (single-process runs only, where
   one process holds all the parameters).
   """
-  train_src = sources.training_source(config,
-                                              config.dataset.train_split)
-  eval_src = sources.training_source(config,
-                                             config.dataset.eval_split)
+  train_src = sources.training_source(config, config.dataset.train_split)
+  eval_src = sources.training_source(config, config.dataset.eval_split)
   names = sources.output_names(config, train_src.class_names)
-  steps_per_epoch = stream.steps_per_epoch(config,
-                                                   train_src.num_examples)
+  steps_per_epoch = stream.steps_per_epoch(config, train_src.num_examples)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
   intervals = Intervals(config, steps_per_epoch, total_steps)
