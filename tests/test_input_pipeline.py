@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import io
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -49,6 +50,25 @@ def test_builtin_dataset_is_deterministic_varied_jpegs(tmp_path):
   mtime = os.path.getmtime(os.path.join(a, 'manifest.json'))
   builtin_data.ensure(a, 7, counts)
   assert os.path.getmtime(os.path.join(a, 'manifest.json')) == mtime
+
+
+def test_a_partial_copy_removed_before_it_is_locked_is_made_again(
+    tmp_path, monkeypatch):
+  """Another process's clean-up may remove this one's new folder between
+  its makedirs and its lock (as in a two-process job that makes the
+  built-in dataset at once): the folder is made again, not an error."""
+  real_open, removed = os.open, []
+
+  def open_after_removal(path, *args, **kwargs):
+    if not removed and '.partial-' in str(path):
+      removed.append(path)
+      shutil.rmtree(path)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(builtin_data.os, 'open', open_after_removal)
+  partial, lock = builtin_data._locked_partial(str(tmp_path / 'dataset'))
+  os.close(lock)
+  assert removed == [partial] and os.path.isdir(partial)
 
 
 def test_builtin_dataset_removes_abandoned_copies_not_those_being_written(

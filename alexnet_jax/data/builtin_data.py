@@ -282,7 +282,10 @@ def _locked_partial(directory: str) -> tuple[str, int]:
   while True:
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    lock = os.open(partial, os.O_RDONLY)
+    try:
+      lock = os.open(partial, os.O_RDONLY)
+    except FileNotFoundError:
+      continue  # another process removed it before it was locked: again
     fcntl.flock(lock, fcntl.LOCK_EX)
     if files.still_at(partial, lock):
       return partial, lock
