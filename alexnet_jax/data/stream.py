@@ -152,8 +152,9 @@ def eval_batches(config, src: sources.Source,
   batch = process_batch_size(global_batch)
   most_per_process = -(-src.num_examples // jax.process_count())
   num_batches = -(-most_per_process // batch)
+  crops = augment.Crops.of(config)
   ds = src.examples.map(tf.autograph.experimental.do_not_convert(
-      lambda x, y: augment.eval_example(augment.Crops.of(config), x, y)),
+      lambda x, y: augment.eval_example(crops, x, y)),
                         num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=True)
   ds = sources.read_once(ds.batch(batch).prefetch(tf.data.AUTOTUNE))

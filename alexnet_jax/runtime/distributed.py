@@ -150,8 +150,10 @@ def _watch() -> None:
 def wait_for_the_watch(error: BaseException) -> None:
   """After a collective failed because a peer is gone: the watch names the
   lost process within the heartbeat timeout and ends this one. Where it
-  finds every process alive, `error` was something else: raise it."""
-  time.sleep(_lost.heartbeat_timeout_s + 10)
+  finds every process alive, or where no watch runs, `error` was something
+  else or cannot be told apart: raise it."""
+  if _lost.watching:
+    time.sleep(_lost.heartbeat_timeout_s + 10)
   raise error
 
 

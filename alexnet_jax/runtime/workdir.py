@@ -20,7 +20,6 @@ import sys
 import tempfile
 from typing import Iterator
 
-
 from alexnet_jax.runtime import console
 from alexnet_jax.runtime import errors
 from alexnet_jax.runtime import files
