@@ -157,13 +157,20 @@ def wait_for_the_watch(error: BaseException) -> None:
   raise error
 
 
+# A client counts as gone once the service has its ShutdownTask, but it still
+# polls the service for errors until its heartbeat thread has stopped (up to
+# a second more after an in-flight heartbeat, longer on a loaded host), and a
+# poll cut off by the service stopping aborts it ('Socket closed').
+_AFTER_THE_OTHERS_LEFT_S = 5.0
+
+
 def leave(together: bool = False) -> None:
   """Leave the job, in an order that cannot fail when processes end seconds
   apart. together: every process ends here (the run finished, or stopped
   at one step), so they first meet at a barrier. Then every process but 0
   shuts its client down, and process 0, which hosts the coordination
   service, stops it only once its watch sees the others gone (at most the
-  heartbeat timeout). With recoverability on, JAX's own shutdown barrier
+  heartbeat timeout) and they have had time to finish leaving. With recoverability on, JAX's own shutdown barrier
   no longer waits for the others, and a client whose service stops before
   it has shut down aborts."""
   if _client() is None:
@@ -176,6 +183,7 @@ def leave(together: bool = False) -> None:
     deadline = time.monotonic() + _lost.heartbeat_timeout_s
     while len(_lost.live) > 1 and time.monotonic() < deadline:
       time.sleep(0.1)
+    time.sleep(_AFTER_THE_OTHERS_LEFT_S)
   _lost.stopping.set()
   jax.distributed.shutdown()
 
