@@ -68,6 +68,12 @@ def default() -> ml_collections.ConfigDict:
   # Decode each image once to its 256x256 (resize_size) square and keep them
   # all in memory: for datasets that fit (sources.decoded_in_memory).
   c.dataset.decoded_in_memory = False
+  # --mode=prepare writes 'jpeg' (the 256-px copy) or 'raw' (the 256x256
+  # squares as pixels, data/raw_store.py); read either with folder:PATH.
+  c.dataset.format = 'jpeg'
+  # The input rate the run is planned for: a raw store larger than the free
+  # memory is said so, with the disk bandwidth this rate needs.
+  c.dataset.planned_images_per_sec = 45000
   c.dataset.builtin_train_per_class = 600
   c.dataset.builtin_eval_per_class = 100
 
@@ -120,7 +126,8 @@ MAY_CHANGE_ON_RESUME = (
     'mesh', 'model.grouped_convolutions', 'eval.batch_size', 'num_epochs',
     'num_train_steps', 'log_every_steps', 'progress_every_s',
     'checkpoint_every_steps', 'keep_checkpoints',
-    'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_examples')
+    'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_examples',
+    'dataset.format', 'dataset.planned_images_per_sec')
 # Keys that define a trained network and the input it expects: evaluation
 # must use the values it was trained with.
 NETWORK_KEYS = (
@@ -319,6 +326,7 @@ def validate(config) -> None:
       'lr_schedule': (config.lr_schedule, ('plateau', 'piecewise')),
       'eval.crops': (config.eval.crops, (1, 10)),
       'dataset.mean': (config.dataset.mean, ('per_channel', 'per_pixel')),
+      'dataset.format': (config.dataset.format, ('jpeg', 'raw')),
       'dtype': (config.dtype, ('float32', 'bfloat16')),
   }
   if config.dtype == 'float16':

@@ -45,20 +45,31 @@ def test_end_to_end_benchmark_names_the_slower_of_input_and_step(tiny_config):
       result['images_per_sec'] / alone[result['bound']], abs=2e-3)
 
 
-def test_input_pipeline_on_photos_takes_each_repeat_against_its_limit():
-  """The fraction pairs each repeat with the decode limit measured right
-  after it, since the limit alone moves a lot on a shared machine."""
+def test_input_pipeline_on_photos_times_three_sources_and_their_cores():
+  """The raw store, the 256-px copy and the full-size photos in every
+  repeat; the copy's fraction pairs each repeat with the decode limit
+  measured right after it, since the limit alone moves a lot on a shared
+  machine."""
   result = subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.benchmark',
        '--config=configs/quickstart.py', '--what=input_pipeline',
        '--photos=96x80', '--photos_count=40', '--config.batch_size=8',
-       '--repeats=3', '--steps=2', '--warmup=1'],
+       '--repeats=3', '--steps=2', '--warmup=1', '--rate=1000'],
       cwd=command_line.REPO, env=command_line.environment(),
       capture_output=True, text=True, timeout=600, check=True)
   measured = json.loads(result.stdout.splitlines()[-1])
-  assert len(measured['decode_limits']) == len(measured['repeats']) == 3
+  for what in data.PHOTO_SOURCES:
+    rates = measured[what]['repeats']
+    assert len(rates) == 3 and min(rates) > 0
+    per_core = measured[what]['images_per_sec_per_core']
+    assert per_core == pytest.approx(
+        statistics.median(rates) / measured['cores'], abs=0.1)
+    assert measured[what]['cores_for_rate'] == pytest.approx(
+        1000 / per_core, abs=0.1)
+  copy = measured['jpeg_copy']
+  assert len(copy['decode_limits']) == 3
   fractions = [rate / measured['cores'] / limit for rate, limit
-               in zip(measured['repeats'], measured['decode_limits'])]
-  assert measured['fraction_of_decode_limit'] == pytest.approx(
+               in zip(copy['repeats'], copy['decode_limits'])]
+  assert copy['fraction_of_decode_limit'] == pytest.approx(
       statistics.median(fractions), rel=2e-3)
-  assert measured['read_pixels'] == 96 * 80
+  assert measured['photo_pixels'] == 96 * 80

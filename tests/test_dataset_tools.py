@@ -57,7 +57,7 @@ def test_prepare_writes_a_copy_at_resize_size_that_gives_the_same_batches(
   other = difference(batches[0]['image'], batches[1]['image'][::-1])
   assert near < 0.25 * other
   tiny_config.dataset.name = source_name
-  with pytest.raises(errors.UserError, match='already holds a prepared copy'):
+  with pytest.raises(errors.UserError, match='already holds a prepared dataset'):
     dataset_tools.prepare(tiny_config, copy)
   tiny_config.dataset.name = f'folder:{copy}'  # the copy into itself
   with pytest.raises(errors.UserError, match='inside the dataset it would'):

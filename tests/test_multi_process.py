@@ -216,3 +216,17 @@ def test_prepare_and_stats_split_the_work_and_match_one_process(
   with open(copy / 'manifest.json') as f:
     assert json.load(f)['images'] == {'train': 80, 'validation': 30}
   assert sum(len(files) for _, _, files in os.walk(copy / 'train')) == 80
+
+  # The raw store: each process writes its own block of rows.
+  stores = {}
+  for name, launch in (('one', lambda *a: run_main(*a)),
+                       ('two', lambda *a: _launch(*a, devices_per_process=1))):
+    stores[name] = tmp_path / f'store_{name}'
+    made = launch(*flags, '--mode=prepare', '--config.dataset.format=raw',
+                  f'--workdir={stores[name]}')
+    assert made.returncode == 0, made.stderr[-3000:]
+  assert '[1] prepare' not in made.stdout
+  for split in ('train', 'validation'):
+    for array in ('images.npy', 'labels.npy'):
+      np.testing.assert_array_equal(np.load(stores['one'] / split / array),
+                                    np.load(stores['two'] / split / array))

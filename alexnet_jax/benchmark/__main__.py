@@ -3,9 +3,10 @@ r"""Speed of the train step, input pipeline, whole training and checkpoints.
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=train_step --config.batch_size=64 --config.mesh.data=1
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
-      --what=input_pipeline --photos=500x375 [--prepared]
+      --what=input_pipeline --photos=500x375 [--rate=45000]
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
-      --what=end_to_end --photos=400x350 --config.batch_size=64
+      --what=end_to_end --photos=400x350 --read=raw_store \
+      --config.batch_size=64
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
       --what=prepare --photos=400x350 --photos_count=1000 [--through_tfds]
   python -m alexnet_jax.benchmark --config=configs/ilsvrc2012.py \
@@ -13,10 +14,12 @@ r"""Speed of the train step, input pipeline, whole training and checkpoints.
 
 train_step: the batch is random and lives on the devices, so the figure is
 the network's and the mesh's alone. input_pipeline: train batches from the
-config's dataset, or from --photos synthetic photo-like JPEGs of that size
-(and with --prepared, from their --mode=prepare copy), on the host only.
-end_to_end: that input pipeline feeding the train step, batches put on the
-devices two steps ahead, as training runs; and which of the two bounds it.
+config's dataset, on the host only; with --photos, from synthetic
+photo-like JPEGs of that size, their --mode=prepare copy and the raw store
+made from it, in turn, with the cores each needs for --rate images/sec.
+end_to_end: an input pipeline (with --photos, of --read) feeding the train
+step, batches put on the devices two steps ahead, as training runs; and
+which of the two bounds it.
 prepare: --mode=prepare straight from ImageNet-layout archives of --photos
 synthetic photos (10 classes), against the decode limit: one thread of
 tf.io.decode_jpeg over the same files.
@@ -71,9 +74,13 @@ flags.register_validator(
 _PHOTOS_COUNT = flags.DEFINE_integer('photos_count', 500,
                                      'How many synthetic photos.',
                                      lower_bound=1)
-_PREPARED = flags.DEFINE_bool(
-    'prepared', False, 'input_pipeline, end_to_end: read the photos\' 256-px '
-    'copy.')
+_READ = flags.DEFINE_enum(
+    'read', 'full_size_jpegs', data.PHOTO_SOURCES,
+    'end_to_end with --photos: which of them to read.')
+_RATE = flags.DEFINE_float(
+    'rate', 45000, 'input_pipeline with --photos: the images/sec to plan '
+    'for (one H100 in bfloat16); each source\'s cores for it are reported.',
+    lower_bound=1)
 _THROUGH_TFDS = flags.DEFINE_bool(
     'through_tfds', False, 'prepare: also time the same copy made through '
     'TFDS (building imagenet2012, then prepare from it).')
@@ -98,16 +105,17 @@ def main(argv):
     elif _WHAT.value == 'end_to_end':
       tf_runtime.start()
       if _PHOTOS.value:
-        with data.on_photos(config, _PHOTOS.value, _PHOTOS_COUNT.value,
-                            _PREPARED.value) as (photos, _):
-          result = dict(data.time_end_to_end(config, *timings), **photos)
+        with data.on_photos(config, _PHOTOS.value,
+                            _PHOTOS_COUNT.value) as (names, photos, _):
+          config.dataset.name = names[_READ.value]
+          result = dict(data.time_end_to_end(config, *timings), **photos,
+                        read=_READ.value)
       else:
         result = data.time_end_to_end(config, *timings)
     elif _PHOTOS.value:
       tf_runtime.start()
       result = data.input_pipeline_on_photos(
-          config, _PHOTOS.value, _PHOTOS_COUNT.value, _PREPARED.value,
-          *timings)
+          config, _PHOTOS.value, _PHOTOS_COUNT.value, _RATE.value, *timings)
     else:
       tf_runtime.start()
       result = data.time_input_pipeline(config, *timings)

@@ -121,58 +121,87 @@ def time_input_pipeline(config, warmup: int, repeats: int,
   }
 
 
-@contextlib.contextmanager
-def on_photos(config, size: str, count: int, prepared: bool):
-  """Points config at `count` synthetic photos of size WIDTHxHEIGHT (or
-  their prepared copy) for a while.
+# What --photos makes, as the sources input_pipeline times in turn.
+PHOTO_SOURCES = ('raw_store', 'jpeg_copy', 'full_size_jpegs')
 
-  Yields the fields that describe them, with one measure of the decode
-  limit per core, and the files read, to measure it again.
+
+@contextlib.contextmanager
+def on_photos(config, size: str, count: int):
+  """`count` synthetic photos of size WIDTHxHEIGHT, their 256-px copy and
+  the raw store made from the copy, for a while.
+
+  Yields each one's dataset name (PHOTO_SOURCES), the fields that describe
+  the photos, and the copy's files, whose decode limit input_pipeline
+  measures. config is left pointing at the photos.
   """
+  from alexnet_jax.data import dataset_tools  # pylint: disable=g-import-not-at-top
   width, height = (int(v) for v in size.split('x'))
   with tempfile.TemporaryDirectory() as tmp:
-    photos = os.path.join(tmp, 'photos')
+    photos, copy, store = (os.path.join(tmp, name)
+                           for name in ('photos', 'copy', 'store'))
     mean_bytes = synthetic_photos(photos, width, height, count)
-    config.dataset.name = f'folder:{photos}'
     config.dataset.eval_split = config.dataset.train_split
     config.dataset.data_dir = tmp   # the screening cache
     # The photos are here to be decoded, as a large dataset's are.
     config.dataset.decoded_in_memory = False
-    read = photos
-    if prepared:
-      from alexnet_jax.data import dataset_tools  # pylint: disable=g-import-not-at-top
-      read = os.path.join(tmp, 'copy')
-      dataset_tools.prepare(config, read)
-      config.dataset.name = f'folder:{read}'
-    jpegs = _files_under(os.path.join(read, 'train'))
-    limit, pixels = decode_limit(jpegs)
-    yield dict(photos=size, prepared=prepared,
-               photo_bytes=round(mean_bytes),
-               read_bytes=round(float(np.mean([len(j) for j in jpegs]))),
-               read_pixels=round(pixels),
-               decode_limit_per_core=round(limit, 1)), jpegs
+    config.dataset.name = f'folder:{photos}'
+    dataset_tools.prepare(config, copy)
+    config.dataset.name, config.dataset.format = f'folder:{copy}', 'raw'
+    dataset_tools.prepare(config, store)
+    config.dataset.name, config.dataset.format = f'folder:{photos}', 'jpeg'
+    names = dict(zip(PHOTO_SOURCES, (f'folder:{store}', f'folder:{copy}',
+                                     f'folder:{photos}')))
+    yield names, dict(photos=size, photo_bytes=round(mean_bytes),
+                      photo_pixels=width * height), _files_under(
+                          os.path.join(copy, config.dataset.train_split))
 
 
-def input_pipeline_on_photos(config, size: str, count: int, prepared: bool,
+def input_pipeline_on_photos(config, size: str, count: int, rate: float,
                              warmup, repeats, steps_per_repeat):
-  """time_input_pipeline on synthetic photos, or on their prepared copy.
+  """time_input_pipeline on the raw store, the 256-px copy and full-size
+  JPEGs of the same synthetic photos, taken in turn in every repeat, and
+  the cores each needs for `rate` images/sec at its rate per core (reading
+  scales with cores: every image is independent work).
 
-  The decode limit is measured again after every repeat, and each repeat's
-  rate is taken against the limit measured right after it: on a shared
-  machine the limit alone moves by a fifth or more within minutes.
+  The copy's decode limit is measured after every repeat, and its rate is
+  taken against the limit measured right after it: on a shared machine
+  the limit alone moves by a fifth or more within minutes.
   """
-  with on_photos(config, size, count, prepared) as (photos, jpegs):
-    limits = []
-    result = time_input_pipeline(
-        config, warmup, repeats, steps_per_repeat,
-        between_repeats=lambda: limits.append(decode_limit(jpegs)[0]))
-  fractions = [rate / result['cores'] / limit
-               for rate, limit in zip(result['repeats'], limits)]
-  # The paired measures replace on_photos' single decode_limit_per_core.
-  return {**result, **photos,
-          'decode_limit_per_core': round(statistics.median(limits), 1),
-          'decode_limits': [round(limit, 1) for limit in limits],
-          'fraction_of_decode_limit': round(statistics.median(fractions), 3)}
+  from alexnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  with on_photos(config, size, count) as (names, photos, copy_jpegs):
+    opened = {}
+    for what, name in names.items():
+      config.dataset.name = name
+      opened[what] = sources.training_source(config,
+                                             config.dataset.train_split)
+    rates, limits = {what: [] for what in names}, []
+    for _ in range(repeats):
+      for what in names:
+        print(f'{what}:', end=' ', file=sys.stderr, flush=True)
+        config.dataset.name = names[what]
+        rates[what] += time_input_pipeline(
+            config, warmup, 1, steps_per_repeat, opened[what])['repeats']
+      limits.append(decode_limit(copy_jpegs)[0])
+  cores = len(os.sched_getaffinity(0))
+  result = {'what': 'input_pipeline', **photos, 'cores': cores,
+            'batch_size': config.batch_size, 'image_size': config.image_size,
+            'rate': rate}
+  for what, measured in rates.items():
+    per_core = statistics.median(measured) / cores
+    result[what] = {
+        'images_per_sec': round(statistics.median(measured), 1),
+        'images_per_sec_per_core': round(per_core, 1),
+        'cores_for_rate': round(rate / per_core, 1),
+        'repeats': [round(r, 1) for r in measured]}
+  result['raw_store_over_jpeg_copy'] = round(statistics.median(
+      a / b for a, b in zip(rates['raw_store'], rates['jpeg_copy'])), 2)
+  result['jpeg_copy'].update(
+      decode_limit_per_core=round(statistics.median(limits), 1),
+      decode_limits=[round(limit, 1) for limit in limits],
+      fraction_of_decode_limit=round(statistics.median(
+          r / cores / limit for r, limit in zip(rates['jpeg_copy'], limits)),
+                                     3))
+  return result
 
 
 def time_end_to_end(config, warmup: int, repeats: int,

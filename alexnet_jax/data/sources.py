@@ -2,8 +2,10 @@
 or a TFDS dataset, as this process's share of a split.
 
 Every source yields (encoded image bytes, label), so all of them share one
-decoding and augmentation path (augment.py); a dataset small enough may
-instead be kept decoded in memory (decoded_in_memory).
+decoding and augmentation path (augment.py), except those that hold the
+paper's 256x256 images as pixels (raw_store.Pixels): a raw store made by
+--mode=prepare, or a dataset small enough to keep decoded in memory
+(decoded_in_memory).
 
 Every function given to tf.data is marked do_not_convert: they have no
 Python control flow on tensors for AutoGraph to rewrite, and rewriting them
@@ -16,7 +18,7 @@ import json
 import os
 import tarfile
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from absl import logging
 import jax
@@ -27,6 +29,7 @@ from alexnet_jax import config as config_lib
 from alexnet_jax.data import augment
 from alexnet_jax.data import builtin_data
 from alexnet_jax.data import imagenet_archives
+from alexnet_jax.data import raw_store
 from alexnet_jax.data import screening
 from alexnet_jax.runtime import console
 from alexnet_jax.runtime import distributed
@@ -55,6 +58,10 @@ class Source:
   # where screening recorded them (folders), so train crops are found a
   # batch at a time (augment.train_windows).
   shapes: Optional[tf.Tensor] = None
+  # The whole split as 256x256 pixels, where the source holds them (a raw
+  # store, or kept decoded in memory): the train stream then cuts a batch's
+  # crops at once (stream.train_dataset).
+  pixels: Optional[raw_store.Pixels] = None
 
 
 def _share(count: int) -> slice:
@@ -110,11 +117,29 @@ def _split_dir(root: str, split: str) -> str:
   return split_dir
 
 
-def _folder_source(root: str, split: str, cache_dir: str) -> Source:
+def _pixel_source(pixels: raw_store.Pixels, class_names) -> Source:
+  """A source of the whole split's pixels; this process's share of it as
+  examples (for evaluation), read in batches."""
+  share = _share(len(pixels.labels))
+  indices = np.arange(len(pixels.labels))[share]
+  labels = tf.constant(pixels.labels)
+  examples = tf.data.Dataset.from_tensor_slices(indices).batch(256).map(
+      tf.autograph.experimental.do_not_convert(
+          lambda i: (pixels.tf_images(i), tf.gather(labels, i)))).unbatch()
+  return Source(examples, len(indices), len(pixels.labels),
+                tuple(class_names), pixels=pixels)
+
+
+def _folder_source(root: str, split: str, cache_dir: str,
+                   resize_size: int) -> Source:
   if os.path.exists(os.path.join(root, UNFINISHED_COPY)):
     raise errors.DatasetError(
-        f'{root} is a --mode=prepare copy that did not finish: run the same '
-        f'prepare command to complete it')
+        f'{root} is a --mode=prepare copy or store that did not finish: run '
+        f'the same prepare command to complete it')
+  store = raw_store.manifest(root)
+  if store is not None:
+    return _pixel_source(raw_store.open_split(root, split, resize_size),
+                         store['classes'])
   split_dir = _split_dir(root, split)
   class_names = _class_names(split_dir, root)
   paths, labels = [], []
@@ -231,29 +256,50 @@ def source(config, split: str) -> Source:
   name = config.dataset.name
   if name == 'builtin':
     directory = builtin_data.ensure(*builtin_data.settings(config))
-    return _folder_source(directory, split, config_lib.cache_root(config))
+    return _folder_source(directory, split, config_lib.cache_root(config),
+                          config.resize_size)
   root = folder_root(name)
   if root is not None:
-    return _folder_source(root, split, config_lib.cache_root(config))
+    return _folder_source(root, split, config_lib.cache_root(config),
+                          config.resize_size)
   return _tfds_source(config, split)
+
+
+_DECODE_BATCH = 256   # images decoded, and written to a store, at a time
+
+
+def decoded(encoded: tf.data.Dataset, count: int,
+            side: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(images, labels) batches of `count` (encoded image, label) examples,
+  each image the paper's side x side square (augment.paper_image): what a
+  raw store and a dataset kept in memory hold."""
+  batches = encoded.map(
+      tf.autograph.experimental.do_not_convert(
+          lambda data, label: (augment.paper_image(data, side),
+                               tf.cast(label, tf.int32))),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
+          _DECODE_BATCH)
+  return read_once(batches.take(-(-count // _DECODE_BATCH))
+                   ).as_numpy_iterator()
 
 
 def decoded_in_memory(config, src: Source) -> Source:
   """src as its 256x256 images (resize_size), decoded once and kept in
-  memory, when config.dataset.decoded_in_memory; else src itself.
+  memory (raw_store.Pixels, as a raw store holds them), when
+  config.dataset.decoded_in_memory; else src itself.
 
   Why: on a small dataset, decoding and resizing every image again each
   epoch costs the host about as much as the quickstart's train step does,
   and a crop of a kept image costs a fraction of one read from its file
   (`benchmark --what=end_to_end` on the quickstart, with and without
-  --config.dataset.decoded_in_memory). Each crop is then a slice of the
-  256x256 image, exactly as the paper cut them. A source with
-  random access keeps the whole split (every process reads any example);
-  one without keeps this process's share.
+  --config.dataset.decoded_in_memory). A source with random access keeps
+  the whole split (every process reads any example); one without keeps
+  this process's share.
   """
   side = config.resize_size
   count = src.num_examples if src.lookup is not None else src.num_local
-  if not config.dataset.decoded_in_memory or not count:
+  if (not config.dataset.decoded_in_memory or not count
+      or src.pixels is not None):
     return src
   needed, memory = count * side * side * 3, host.physical_memory()
   if needed > memory // 4:
@@ -261,38 +307,41 @@ def decoded_in_memory(config, src: Source) -> Source:
         f'dataset.decoded_in_memory would keep {count} images of {side}x{side}'
         f' ({needed / 2**30:.1f} GiB) in memory, more than a quarter of this '
         f'machine\'s {memory / 2**30:.1f} GiB: set '
-        f'--config.dataset.decoded_in_memory=False')
+        f'--config.dataset.decoded_in_memory=False, or keep them on disk as a '
+        f'raw store (--mode=prepare --config.dataset.format=raw)')
   encoded = (tf.data.Dataset.range(count).map(src.lookup)
              if src.lookup is not None else src.examples)
-  decoded = encoded.map(
-      tf.autograph.experimental.do_not_convert(
-          lambda data, label: (augment.paper_image(data, side), label)),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(1024)
-  parts = list(read_once(decoded).as_numpy_iterator())
-  images = tf.constant(np.concatenate([p[0] for p in parts]))
-  labels = tf.constant(np.concatenate([p[1] for p in parts]))
-  del parts
+  images = np.empty((count, side, side, 3), np.uint8)
+  labels = np.empty((count,), np.int32)
+  done = 0
+  for batch_images, batch_labels in decoded(encoded, count, side):
+    images[done:done + len(batch_images)] = batch_images
+    labels[done:done + len(batch_labels)] = batch_labels
+    done += len(batch_images)
   logging.info('kept %d decoded %dx%d images in memory (%.0f MB)', count,
                side, side, needed / 1e6)
-
-  @tf.autograph.experimental.do_not_convert
-  def lookup(index):
-    return tf.gather(images, index), tf.gather(labels, index)
-
   if src.lookup is None:
     return dataclasses.replace(
         src, examples=tf.data.Dataset.from_tensor_slices((images, labels)))
-  share = _share(count)
-  # Crops of kept images are slices, found without the files' shapes.
-  return dataclasses.replace(
-      src, examples=tf.data.Dataset.range(
-          share.start, share.stop, share.step).map(lookup),
-      lookup=lookup, shapes=None)
+  return _pixel_source(raw_store.Pixels(images, labels), src.class_names)
 
 
 def training_source(config, split: str) -> Source:
-  """source(config, split) as training and evaluation read it."""
-  return decoded_in_memory(config, source(config, split))
+  """source(config, split) as training and evaluation read it; a raw store
+  larger than the memory free for the page cache is said so in one line,
+  with the disk bandwidth that dataset.planned_images_per_sec needs."""
+  src = decoded_in_memory(config, source(config, split))
+  if src.pixels is not None and src.pixels.path is not None:
+    size, free = src.pixels.images.nbytes, host.available_memory()
+    if size > free:
+      rate = config.dataset.planned_images_per_sec
+      console.warning(
+          f'the raw store {src.pixels.path} ({raw_store.size_text(size)}) is '
+          f'larger than this host\'s free memory '
+          f'({raw_store.size_text(free)}), so it is '
+          f'read from disk: {rate:,} images/sec needs '
+          f'{rate * src.pixels.images[0].nbytes / 1e9:.1f} GB/s from it')
+  return src
 
 
 def output_names(config, dataset_classes) -> tuple[str, ...]:
@@ -324,24 +373,6 @@ def class_names(config) -> tuple[str, ...]:
     return _class_names(_split_dir(root, config.dataset.train_split), root)
   builder, _ = _tfds_builder(config)
   return tuple(builder.info.features['label'].names)
-
-
-def spread_sample(src: Source, count: int) -> tf.data.Dataset:
-  """About `count` examples of this process's share, as (bytes, label, index).
-
-  With random access they are spread evenly over the split (a folder is in
-  class order, so its first examples would be one class); otherwise they are
-  the first ones, which in TFDS's shuffled records are a fair sample.
-  """
-  if src.lookup is not None:
-    indices = np.unique(np.linspace(0, src.num_examples - 1, count,
-                                    dtype=np.int64))
-    return tf.data.Dataset.from_tensor_slices(indices).map(
-        tf.autograph.experimental.do_not_convert(
-            lambda i: (*src.lookup(i), i)))
-  return src.examples.take(count).enumerate().map(
-      tf.autograph.experimental.do_not_convert(
-          lambda i, example: (*example, i)))
 
 
 def read_once(ds: tf.data.Dataset) -> tf.data.Dataset:

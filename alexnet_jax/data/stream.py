@@ -56,6 +56,12 @@ def _epoch_order(config, num_examples: int, positions: tf.Tensor) -> tf.Tensor:
       max_index=tf.constant(num_examples - 1, tf.int64), rounds=8)
 
 
+def _local_positions(step: tf.Tensor, local_batch: int) -> tf.Tensor:
+  """The stream positions of this process's part of global batch `step`."""
+  first = (step * jax.process_count() + jax.process_index()) * local_batch
+  return first + tf.range(local_batch, dtype=tf.int64)
+
+
 def positioned_examples(
     config, src: sources.Source, start_step: int, local_batch: int,
     per_example: Callable[..., object],
@@ -76,8 +82,7 @@ def positioned_examples(
   """
   @tf.autograph.experimental.do_not_convert
   def batch_info(step):
-    first = (step * jax.process_count() + jax.process_index()) * local_batch
-    positions = first + tf.range(local_batch, dtype=tf.int64)
+    positions = _local_positions(step, local_batch)
     info, shapes = {POSITION: positions}, None
     if src.lookup is not None:
       info[_INDEX] = _epoch_order(config, src.num_examples, positions)
@@ -132,6 +137,9 @@ def train_dataset(config, src: sources.Source,
     return (draws if shapes is None
             else augment.train_windows(crops, draws, shapes))
 
+  if src.pixels is not None:
+    return _pixel_batches(config, src, start_step, local_batch, crops,
+                          this_process_draws).prefetch(tf.data.AUTOTUNE)
   ds = positioned_examples(
       config, src, start_step, local_batch,
       lambda encoded, label, info: augment.train_example(crops, encoded,
@@ -139,6 +147,31 @@ def train_dataset(config, src: sources.Source,
       this_process_draws)
   ds = ds.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _pixel_batches(config, src: sources.Source, start_step: int,
+                   local_batch: int, crops: augment.Crops,
+                   draws_of: Callable[[tf.Tensor, None], dict[str, tf.Tensor]]
+                   ) -> tf.data.Dataset:
+  """train_dataset's batches from a source of pixels (a raw store, or kept
+  in memory): the same examples, crops and draws as from image files, each
+  batch's crops cut in one gather (raw_store.Pixels.crops)."""
+  labels = tf.constant(src.pixels.labels)
+
+  @tf.autograph.experimental.do_not_convert
+  def batch(step):
+    index = _epoch_order(config, src.num_examples,
+                         _local_positions(step, local_batch))
+    draws = draws_of(step, None)
+    return {
+        device_preprocessing.IMAGE: src.pixels.tf_crops(
+            index, draws[augment.TOP], draws[augment.LEFT], crops.image_size),
+        device_preprocessing.LABEL: tf.gather(labels, index),
+        device_preprocessing.FLIP: draws[device_preprocessing.FLIP],
+        device_preprocessing.LIGHTING: draws[device_preprocessing.LIGHTING]}
+
+  return tf.data.Dataset.range(start_step, _ENDLESS).map(
+      batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def eval_batches(config, src: sources.Source,

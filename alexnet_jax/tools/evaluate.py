@@ -7,6 +7,7 @@ from alexnet_jax.data import sources
 from alexnet_jax.model import parallel
 from alexnet_jax.runtime import console
 from alexnet_jax.tools import inference
+from alexnet_jax.train import checkpoints
 from alexnet_jax.train import evaluation
 from alexnet_jax.train import metric_writer
 from alexnet_jax.train import steps
@@ -29,6 +30,7 @@ def run(config, workdir: str, checkpoint: str = 'latest',
       inference.restore_params(config, mesh, spec, allow_config_change)
       for spec in specs])
   src = sources.training_source(config, config.dataset.eval_split)
+  checkpoints.check_class_names(workdir, src.class_names, config.dataset.name)
   metrics = evaluation.evaluate_params(
       config, mesh, steps.make_eval_step(config, mesh), params, src)
   step = member_steps[0]

@@ -155,11 +155,33 @@ def save_png(image: np.ndarray, path: str) -> None:
   Image.fromarray(image).save(path)
 
 
+def _spread_sample(src: sources.Source, count: int) -> tf.data.Dataset:
+  """About `count` examples of this process's share, as (bytes, label, index).
+
+  With random access they are spread evenly over the split (a folder is in
+  class order, so its first examples would be one class); otherwise they are
+  the first ones, which in TFDS's shuffled records are a fair sample.
+  """
+  if src.lookup is not None or src.pixels is not None:
+    indices = np.unique(np.linspace(0, src.num_examples - 1, count,
+                                    dtype=np.int64))
+  if src.pixels is not None:
+    return tf.data.Dataset.from_tensor_slices(
+        (src.pixels.images[indices], src.pixels.labels[indices], indices))
+  if src.lookup is not None:
+    return tf.data.Dataset.from_tensor_slices(indices).map(
+        tf.autograph.experimental.do_not_convert(
+            lambda i: (*src.lookup(i), i)))
+  return src.examples.take(count).enumerate().map(
+      tf.autograph.experimental.do_not_convert(
+          lambda i, example: (*example, i)))
+
+
 def _examples(config, src, count: int):
   """(centre crops, labels, indices) of `count` examples spread over src."""
   # One centre crop: what the figures show and fc7 is taken on.
   centre = augment.Crops(config.resize_size, config.image_size)
-  ds = sources.spread_sample(src, count).map(
+  ds = _spread_sample(src, count).map(
       tf.autograph.experimental.do_not_convert(
           lambda encoded, label, index: dict(
               augment.eval_example(centre, encoded, label), index=index)),

@@ -72,7 +72,9 @@ def load(mode: str, config, workdir: str, checkpoint: str,
   if jax.process_count() > 1:
     raise errors.UserError(f'--mode={mode} runs in one process: start it '
                            f'without --coordinator_address or a launcher')
-  names = sources.output_names(config, sources.class_names(config))
+  dataset_classes = sources.class_names(config)
+  checkpoints.check_class_names(workdir, dataset_classes, config.dataset.name)
+  names = sources.output_names(config, dataset_classes)
   params, step = restore_params(
       config, parallel.make_mesh(config), f'{workdir}@{checkpoint}',
       allow_config_change)

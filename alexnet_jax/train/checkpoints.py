@@ -332,3 +332,35 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int):
   return _read(mngr, step, 'state', lambda: mngr.restore(
       step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state))).state)
+
+
+# The training split's class names in label order, beside config.json: the
+# config names the dataset, but a folder or a store at that path can be
+# replaced by another whose labels mean other classes.
+CLASSES_FILE = 'class_names.json'
+
+
+def save_class_names(workdir: str, class_names) -> None:
+  if jax.process_index() == 0:
+    with files.atomic_write(os.path.join(workdir, CLASSES_FILE)) as f:
+      json.dump(list(class_names), f)
+
+
+def check_class_names(workdir: str, class_names, dataset: str) -> None:
+  """Refuse data whose labels name other classes than those workdir's
+  network was trained on (runs from before the file are not checked)."""
+  path = os.path.join(workdir, CLASSES_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    trained = json.load(f)
+  here = list(class_names)
+  if trained == here:
+    return
+  label = next(i for i in range(max(len(trained), len(here)))
+               if trained[i:i + 1] != here[i:i + 1])
+  at = lambda names: repr(names[label]) if label < len(names) else 'none'
+  raise errors.DatasetError(
+      f'{dataset} does not have the classes the network in {workdir} was '
+      f'trained on (label {label}: {at(here)} here, {at(trained)} there): '
+      f'use the dataset it was trained on')

@@ -197,6 +197,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   train_src = sources.training_source(config, config.dataset.train_split)
   eval_src = sources.training_source(config, config.dataset.eval_split)
   names = sources.output_names(config, train_src.class_names)
+  checkpoints.check_class_names(workdir, train_src.class_names,
+                                config.dataset.name)
   steps_per_epoch = stream.steps_per_epoch(config, train_src.num_examples)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
@@ -221,6 +223,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                            f'{step} of {total_steps}: training is complete')
       return state
     _write_config(config, workdir)
+    checkpoints.save_class_names(workdir, train_src.class_names)
     train_step = steps.make_train_step(config, mesh, steps_per_epoch)
     eval_step = steps.make_eval_step(config, mesh)
     writer = metric_writer.MetricWriter(workdir)
