@@ -107,9 +107,10 @@ def test_a_run_from_the_store_is_bit_for_bit_the_run_from_the_copy(
 
 
 def test_the_quickstart_in_memory_is_the_same_pixels_as_its_store(
-    tiny_config, tmp_path):
+    tiny_config, tmp_path, monkeypatch):
   """decoded_in_memory and the store are one format: the same Pixels,
-  the same batches."""
+  the same batches (the store's pages released after every batch)."""
+  monkeypatch.setattr(raw_store, 'RELEASE_EVERY_BYTES', 1)
   store = _store(tiny_config, str(tmp_path / 'store'), 'builtin')
   tiny_config.dataset.decoded_in_memory = True
   kept, kept_batches = _batches(tiny_config, 'builtin', 6)

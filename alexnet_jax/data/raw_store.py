@@ -20,6 +20,7 @@ variable-size, compressed records suit encoded images, which these are not.
 
 import dataclasses
 import json
+import mmap
 import os
 import shutil
 from typing import Iterable, Optional
@@ -33,6 +34,10 @@ from alexnet_jax.runtime import files
 FORMAT = 'raw'
 MANIFEST = 'manifest.json'
 _IMAGES, _LABELS = 'images.npy', 'labels.npy'
+# A mapped store's pages that crops have read count in the process's RSS
+# until released; past this many bytes read they are (the page cache keeps
+# them), so the RSS does not grow with the store.
+RELEASE_EVERY_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,9 @@ class Pixels:
   images: np.ndarray   # (N, S, S, 3) uint8, in memory or mapped from a store
   labels: np.ndarray   # (N,) int32
   path: Optional[str] = None   # the store's images.npy; None in memory
+  mapping: Optional[mmap.mmap] = None   # images' mapping, for a store
+  _read_since_release: list[int] = dataclasses.field(
+      default_factory=lambda: [0])
 
   def crops(self, indices: np.ndarray, tops: np.ndarray, lefts: np.ndarray,
             size: int) -> np.ndarray:
@@ -56,7 +64,13 @@ class Pixels:
         self.images,
         (count, side - size + 1, side - size + 1, size, size, 3),
         (image, row, column, row, column, channel), writeable=False)
-    return windows[indices, tops, lefts]
+    found = windows[indices, tops, lefts]
+    if self.mapping is not None:
+      self._read_since_release[0] += found.nbytes
+      if self._read_since_release[0] > RELEASE_EVERY_BYTES:
+        self._read_since_release[0] = 0
+        self.mapping.madvise(mmap.MADV_DONTNEED)
+    return found
 
   def tf_crops(self, indices: tf.Tensor, tops: tf.Tensor, lefts: tf.Tensor,
                size: int) -> tf.Tensor:
@@ -98,7 +112,8 @@ def _layout(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, f.tell()
 
 
-def _mapped(path: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+def _mapped(path: str, shape: tuple[int, ...],
+            dtype) -> tuple[np.ndarray, mmap.mmap]:
   """The array of a store file, mapped, after checking its header and its
   size, so a truncated or foreign file is one line that names it."""
   damaged = (f'the raw store file {path} is damaged ({{}}): prepare the '
@@ -118,7 +133,10 @@ def _mapped(path: str, shape: tuple[int, ...], dtype) -> np.ndarray:
   if on_disk != size:
     raise errors.DatasetError(damaged.format(
         f'{on_disk:,} bytes where it should have {size:,}; truncated?'))
-  return np.memmap(path, dtype, 'r', offset, shape)
+  with open(path, 'rb') as f:
+    mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  return np.frombuffer(mapping, dtype, int(np.prod(shape)), offset).reshape(
+      shape), mapping
 
 
 def open_split(root: str, split: str, resize_size: int) -> Pixels:
@@ -135,10 +153,10 @@ def open_split(root: str, split: str, resize_size: int) -> Pixels:
     raise errors.DatasetError(
         f'the raw store {root} has no split {split!r}: use one of '
         f'{", ".join(found.get("images", {}))}')
-  images = os.path.join(root, split, _IMAGES)
-  return Pixels(_mapped(images, (count, side, side, 3), np.uint8),
-                _mapped(os.path.join(root, split, _LABELS), (count,),
-                        np.int32), images)
+  path = os.path.join(root, split, _IMAGES)
+  images, mapping = _mapped(path, (count, side, side, 3), np.uint8)
+  labels, _ = _mapped(os.path.join(root, split, _LABELS), (count,), np.int32)
+  return Pixels(images, labels, path, mapping)
 
 
 def nbytes(counts: dict[str, int], side: int) -> int:
