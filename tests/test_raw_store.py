@@ -20,6 +20,7 @@ from alexnet_jax.data import raw_store
 from alexnet_jax.data import sources
 from alexnet_jax.data import stream
 from alexnet_jax.runtime import errors
+from alexnet_jax.runtime import host
 
 
 def _store(config, out: str, source_name: str) -> str:
@@ -199,6 +200,11 @@ def test_a_damaged_store_or_one_of_another_size_is_one_line(
     f.write(b'not an array')
   with pytest.raises(errors.DatasetError, match='damaged .no array header'):
     sources.source(tiny_config, 'train')
+  with open(os.path.join(store, raw_store.MANIFEST), 'w') as f:
+    f.write('{"format": "raw", "clas')
+  with pytest.raises(errors.DatasetError,
+                     match='manifest.json is damaged .*: prepare the dataset'):
+    sources.source(tiny_config, 'train')
 
 
 def test_a_store_with_other_classes_than_the_checkpoint_is_refused(
@@ -224,3 +230,22 @@ def test_a_store_with_other_classes_than_the_checkpoint_is_refused(
         f'{workdir} was trained on (label 3: \'star\' here, \'pentagon\' '
         f'there): use the dataset it was trained on']
   assert metric_records(workdir) == before
+
+
+def test_a_store_larger_than_free_memory_is_said_with_its_bandwidth(
+    tiny_config, tmp_path, monkeypatch, capsys):
+  store = _store(tiny_config, str(tmp_path / 'store'), 'builtin')
+  tiny_config.dataset.name = f'folder:{store}'
+  tiny_config.dataset.planned_images_per_sec = 1000
+  images = os.path.join(store, 'train', 'images.npy')
+  size = 80 * 73 * 73 * 3
+  capsys.readouterr()
+  monkeypatch.setattr(host, 'available_memory', lambda: size)
+  sources.training_source(tiny_config, 'train')
+  assert capsys.readouterr().err == ''
+  monkeypatch.setattr(host, 'available_memory', lambda: size - 1)
+  sources.training_source(tiny_config, 'train')
+  assert capsys.readouterr().err.splitlines() == [
+      f'warning: the raw store {images} (1 MB) is larger than this host\'s '
+      f'free memory (1 MB), so it is read from disk: 1,000 images/sec needs '
+      f'16 MB/s from it']

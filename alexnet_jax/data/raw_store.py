@@ -88,17 +88,26 @@ class Pixels:
 
 
 def manifest(root: str) -> Optional[dict]:
-  """The manifest of a finished store at root, else None (not a store)."""
+  """The manifest of a finished store at root; None where root is not a
+  store (a 256-px copy's manifest has no format)."""
   path = os.path.join(root, MANIFEST)
   if not os.path.isfile(path):
     return None
   try:
     with open(path) as f:
       found = json.load(f)
-  except (OSError, ValueError):
+    if not isinstance(found, dict):
+      raise ValueError('not a JSON object')
+  except (OSError, ValueError) as e:
+    raise errors.DatasetError(f'{path} is damaged ({e}): prepare the dataset '
+                              f'again into an empty folder') from e
+  if found.get('format') != FORMAT:
     return None
-  return found if isinstance(found, dict) and found.get(
-      'format') == FORMAT else None
+  if not all(key in found for key in ('classes', 'resize_size', 'images')):
+    raise errors.DatasetError(f'{path} is damaged (it lacks classes, '
+                              f'resize_size or images): prepare the store '
+                              f'again into an empty folder')
+  return found
 
 
 def _layout(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -142,17 +151,17 @@ def _mapped(path: str, shape: tuple[int, ...],
 def open_split(root: str, split: str, resize_size: int) -> Pixels:
   """A finished store's split, memory-mapped."""
   found = manifest(root)
-  side = found.get('resize_size')
+  side = found['resize_size']
   if side != resize_size:
     raise errors.DatasetError(
         f'the raw store {root} holds {side}x{side} images but resize_size is '
         f'{resize_size}: set --config.resize_size={side}, or prepare a store '
         f'at {resize_size}')
-  count = found.get('images', {}).get(split)
+  count = found['images'].get(split)
   if count is None:
     raise errors.DatasetError(
         f'the raw store {root} has no split {split!r}: use one of '
-        f'{", ".join(found.get("images", {}))}')
+        f'{", ".join(found["images"])}')
   path = os.path.join(root, split, _IMAGES)
   images, mapping = _mapped(path, (count, side, side, 3), np.uint8)
   labels, _ = _mapped(os.path.join(root, split, _LABELS), (count,), np.int32)

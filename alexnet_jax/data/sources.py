@@ -335,12 +335,12 @@ def training_source(config, split: str) -> Source:
     size, free = src.pixels.images.nbytes, host.available_memory()
     if size > free:
       rate = config.dataset.planned_images_per_sec
+      bandwidth = raw_store.size_text(rate * src.pixels.images[0].nbytes)
       console.warning(
           f'the raw store {src.pixels.path} ({raw_store.size_text(size)}) is '
-          f'larger than this host\'s free memory '
-          f'({raw_store.size_text(free)}), so it is '
-          f'read from disk: {rate:,} images/sec needs '
-          f'{rate * src.pixels.images[0].nbytes / 1e9:.1f} GB/s from it')
+          f'larger than this host\'s free memory ({raw_store.size_text(free)}),'
+          f' so it is read from disk: {rate:,} images/sec needs {bandwidth}/s '
+          f'from it')
   return src
 
 
