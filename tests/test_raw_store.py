@@ -249,3 +249,47 @@ def test_a_store_larger_than_free_memory_is_said_with_its_bandwidth(
       f'warning: the raw store {images} (1 MB) is larger than this host\'s '
       f'free memory (1 MB), so it is read from disk: 1,000 images/sec needs '
       f'16 MB/s from it']
+
+
+def test_a_store_straight_from_imagenet_s_tars_holds_their_images_in_order(
+    tiny_config, tmp_path, monkeypatch):
+  """Each archive image's 256x256 square (here resize_size), in the order
+  the archives hold them, labelled as TFDS labels them, without TFDS; made
+  in two goes, the first stopped by a full disk after two batches of 4."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import imagenet_archives  # pylint: disable=g-import-not-at-top
+  manual = fake_imagenet.write(str(tmp_path / 'manual'), train_per_class=3,
+                               val_images=5, odd_files=True)
+  tiny_config.dataset.name = 'imagenet2012'
+  tiny_config.dataset.data_dir = str(tmp_path / 'no_tfds')
+  tiny_config.dataset.manual_dir = manual
+  tiny_config.dataset.format = 'raw'
+  store = str(tmp_path / 'store')
+  monkeypatch.setattr(sources, '_DECODE_BATCH', 4)
+  real_pwrite, calls = raw_store._pwrite, []
+
+  def full_at_the_third_batch(fd, data, offset):
+    calls.append(offset)
+    if len(calls) > 4:   # images and labels: two writes a batch
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    real_pwrite(fd, data, offset)
+
+  with mock.patch.object(raw_store, '_pwrite', full_at_the_third_batch):
+    with pytest.raises(OSError, match='No space left'):
+      dataset_tools.prepare(tiny_config, store)
+  assert raw_store.rows_written(store, 'train', 1, 0) == 8
+  dataset_tools.prepare(tiny_config, store)
+  classes = imagenet_archives.class_names()
+  assert raw_store.manifest(store)['classes'] == list(classes)
+  for split in ('train', 'validation'):
+    got = raw_store.open_split(store, split, tiny_config.resize_size)
+    given = list(imagenet_archives.images(manual, split))
+    assert len(got.labels) == len(given) == {'train': 11, 'validation': 5}[
+        split]
+    for image, label, (class_name, _, data, _) in zip(got.images, got.labels,
+                                                      given):
+      assert label == classes.index(class_name)
+      np.testing.assert_array_equal(image, augment.paper_image(
+          tf.constant(data), tiny_config.resize_size))

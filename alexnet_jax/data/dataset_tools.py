@@ -21,8 +21,8 @@ import tensorflow as tf
 from alexnet_jax.data import augment
 from alexnet_jax.data import dataset_stats
 from alexnet_jax.data import imagenet_archives
-from alexnet_jax.data import raw_store
 from alexnet_jax.data import sources
+from alexnet_jax.data import store_writer
 from alexnet_jax.data import stream
 from alexnet_jax.runtime import console
 from alexnet_jax.runtime import distributed
@@ -162,82 +162,6 @@ def _prepare_split_from_archive(config, manual: str, split: str,
   return len(finished), len(written), len(skipped)
 
 
-def _store_rows(src: sources.Source):
-  """(first row, row count, examples from a row on) of this process's
-  contiguous part of src's split, as the raw store gets it."""
-  if src.lookup is not None:   # any example by index: an even block each
-    block = -(-src.num_examples // jax.process_count())
-    first = min(src.num_examples, jax.process_index() * block)
-    stop = min(src.num_examples, first + block)
-    return first, stop - first, lambda row: tf.data.Dataset.range(
-        row, stop).map(src.lookup, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
-  # In order: this process's share of the records follows the others'.
-  shares = distributed.all_processes(np.asarray(src.num_local, np.int64))
-  first = int(shares[:jax.process_index()].sum())
-  return first, src.num_local, lambda row: src.examples.skip(row - first)
-
-
-def _prepare_store(config, out_dir: str) -> None:
-  """Write the train and eval splits to out_dir as a raw store: each
-  image's resize_size square as pixels (raw_store.py), every process its
-  own block of rows. The same command after an interruption goes on from
-  the last batch each process wrote."""
-  if imagenet_archives.folder(config):
-    raise errors.UserError(
-        'a raw store is made from a dataset, not from the archives: prepare '
-        'the 256-px copy first (--config.dataset.format=jpeg), then the '
-        'store from it with --config.dataset.name=folder:COPY')
-  splits = (config.dataset.train_split, config.dataset.eval_split)
-  split_sources = {split: sources.source(config, split) for split in splits}
-  if any(src.pixels is not None for src in split_sources.values()):
-    raise errors.UserError(f'{config.dataset.name} is a raw store already: '
-                           f'train from it')
-  counts = {split: src.num_examples for split, src in split_sources.items()}
-  side = config.resize_size
-  raw_store.check_room(out_dir, counts, side)
-  if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    open(os.path.join(out_dir, sources.UNFINISHED_COPY), 'a').close()
-    raw_store.create(out_dir, counts, side)
-  distributed.all_processes(np.zeros(1))   # the files are there
-  totals, started = np.zeros(2, np.int64), time.monotonic()
-  for split, src in split_sources.items():
-    first, count, examples_from = _store_rows(src)
-    done = raw_store.rows_written(out_dir, split, jax.process_count(),
-                                  jax.process_index())
-    shown = progress.Progress(config.progress_every_s, f'{split}: writing',
-                              src.num_examples)
-    try:
-      for written in raw_store.write_rows(
-          out_dir, split, first, done,
-          sources.decoded(examples_from(first + done), count - done, side),
-          jax.process_count(), jax.process_index()):
-        shown.add(written * jax.process_count())
-    except tf.errors.InvalidArgumentError as e:
-      raise errors.DatasetError(
-          f'an image of {split} in {config.dataset.name} cannot be decoded '
-          f'({e.message.splitlines()[0]}): remove it, then run the same '
-          f'command again') from e
-    totals += distributed.all_processes(
-        np.asarray((done, count - done), np.int64)).sum(0)
-    console.report(f'{split}: {counts[split]:,} images in '
-                   f'{os.path.join(out_dir, split)}')
-  if jax.process_index() == 0:
-    raw_store.finish(out_dir, {
-        'classes': list(split_sources[splits[0]].class_names),
-        'resize_size': side, 'source': config.dataset.name,
-        'images': counts})
-    os.remove(os.path.join(out_dir, sources.UNFINISHED_COPY))
-  already, written = totals.tolist()
-  seconds = time.monotonic() - started
-  console.report(
-      f'prepare: {written:,} images written to {out_dir} as {side}x{side} '
-      f'pixels ({raw_store.size_text(raw_store.nbytes(counts, side))}; {already:,} '
-      f'already there) in {seconds:.1f} s, {written / seconds:.0f} '
-      f'images/sec; train from it with --config.dataset.name=folder:{out_dir}')
-
-
 def prepare(config, out_dir: str) -> None:
   """Write the train and eval splits to out_dir at resize_size, as a 256-px
   copy or (dataset.format=raw) a raw store.
@@ -252,7 +176,7 @@ def prepare(config, out_dir: str) -> None:
     raise errors.UserError(f'{out_dir} already holds a prepared dataset: '
                            f'train with --config.dataset.name=folder:{out_dir}')
   if config.dataset.format == 'raw':
-    _prepare_store(config, out_dir)
+    store_writer.prepare(config, out_dir)
     return
   splits = (config.dataset.train_split, config.dataset.eval_split)
   manual = imagenet_archives.folder(config)
