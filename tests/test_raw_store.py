@@ -183,6 +183,10 @@ def test_a_damaged_store_or_one_of_another_size_is_one_line(
     tiny_config, tmp_path):
   store = _store(tiny_config, str(tmp_path / 'store'), 'builtin')
   tiny_config.dataset.name = f'folder:{store}'
+  for store_format in ('jpeg', 'raw'):
+    tiny_config.dataset.format = store_format
+    with pytest.raises(errors.UserError, match='is a raw store already'):
+      dataset_tools.prepare(tiny_config, str(tmp_path / store_format))
   side = tiny_config.resize_size
   tiny_config.resize_size = side + 8
   with pytest.raises(errors.DatasetError,

@@ -190,7 +190,7 @@ def prepare(config, out_dir: str) -> None:
     source = f'imagenet2012 archives in {manual}'
   else:
     # The sources are opened first, so a wrong dataset leaves nothing.
-    split_sources = {split: sources.source(config, split)
+    split_sources = {split: sources.to_prepare(config, split)
                      for split in splits}
     classes = split_sources[config.dataset.train_split].class_names
     write = lambda split, folder: _prepare_split(

@@ -265,6 +265,15 @@ def source(config, split: str) -> Source:
   return _tfds_source(config, split)
 
 
+def to_prepare(config, split: str) -> Source:
+  """source(config, split) for --mode=prepare, which reads image files."""
+  src = source(config, split)
+  if src.pixels is not None:
+    raise errors.UserError(f'{config.dataset.name} is a raw store already: '
+                           f'train from it')
+  return src
+
+
 _DECODE_BATCH = 256   # images decoded, and written to a store, at a time
 
 

@@ -102,10 +102,8 @@ def prepare(config, out_dir: str) -> None:
     source = f'imagenet2012 archives in {manual}'
   else:
     splits = (config.dataset.train_split, config.dataset.eval_split)
-    split_sources = {split: sources.source(config, split) for split in splits}
-    if any(src.pixels is not None for src in split_sources.values()):
-      raise errors.UserError(f'{config.dataset.name} is a raw store already: '
-                             f'train from it')
+    split_sources = {split: sources.to_prepare(config, split)
+                     for split in splits}
     classes = split_sources[splits[0]].class_names
     rows = {split: _source_rows(src) for split, src in split_sources.items()}
     source = config.dataset.name
