@@ -25,11 +25,12 @@ import pytest  # pylint: disable=g-import-not-at-top
 # worker sat idle for minutes at the end. A file not named here runs last.
 _SLOWEST_FIRST = (
     'test_checkpoints.py', 'test_multi_process.py', 'test_slurm.py',
-    'test_parallel.py', 'test_main.py', 'test_bad_input.py',
-    'test_models.py', 'test_dataset_tools.py', 'test_figures.py',
-    'test_steps.py', 'test_reference_step.py', 'test_benchmark.py',
-    'test_input_pipeline.py', 'test_xla_cpu.py', 'test_augment.py',
-    'test_optimizer.py', 'test_launch.py', 'test_huge_pages.py')
+    'test_parallel.py', 'test_main.py', 'test_raw_store.py',
+    'test_bad_input.py', 'test_models.py', 'test_dataset_tools.py',
+    'test_figures.py', 'test_steps.py', 'test_reference_step.py',
+    'test_benchmark.py', 'test_input_pipeline.py', 'test_xla_cpu.py',
+    'test_augment.py', 'test_optimizer.py', 'test_launch.py',
+    'test_huge_pages.py')
 
 
 def pytest_collection_modifyitems(items):

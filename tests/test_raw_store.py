@@ -297,3 +297,29 @@ def test_a_store_straight_from_imagenet_s_tars_holds_their_images_in_order(
       assert label == classes.index(class_name)
       np.testing.assert_array_equal(image, augment.paper_image(
           tf.constant(data), tiny_config.resize_size))
+
+
+def test_the_readme_s_raw_store_commands_prepare_from_tars_and_train(
+    tmp_path):
+  """The README's two raw-store commands, on fake archives: the store
+  straight from the tars, then training from it (and evaluating it), the
+  network and the run made small."""
+  import fake_imagenet  # pylint: disable=g-import-not-at-top
+  tars = fake_imagenet.write(str(tmp_path / 'tars'))
+  store, run = str(tmp_path / 'imagenet_raw'), str(tmp_path / 'alexnet')
+  config = ['--config=configs/ilsvrc2012.py',
+            f'--config.dataset.data_dir={tmp_path / "tfds"}']
+  made = run_main(*config, '--mode=prepare', f'--workdir={store}',
+                  '--config.dataset.format=raw',
+                  f'--config.dataset.manual_dir={tars}')
+  assert f'train from it with --config.dataset.name=folder:{store}' in (
+      made.stdout)
+  from_store = [*config, f'--workdir={run}',
+                f'--config.dataset.name=folder:{store}',
+                '--config.model.width=0.125', '--config.batch_size=4',
+                '--config.num_train_steps=2', '--config.eval.batch_size=4']
+  run_main(*from_store)
+  trained = [r for r in metric_records(run) if 'split' in r][-1]
+  assert trained['step'] == 2 and trained['examples'] == 6
+  run_main(*from_store, '--mode=eval')
+  assert metric_records(run)[-1]['top1_error'] == trained['top1_error']
