@@ -135,21 +135,26 @@ def test_crops_are_one_gather_of_the_windows():
         got[i], pixels.images[index, top:top + 5, left:left + 5])
 
 
+def _disk_full_after_batches(count: int):
+  """The store's writes fail with ENOSPC once `count` batches are written."""
+  real_pwrite, calls = raw_store._pwrite, []
+
+  def pwrite(fd, data, offset):
+    calls.append(offset)
+    if len(calls) > 2 * count:   # images and labels: two writes a batch
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    real_pwrite(fd, data, offset)
+
+  return mock.patch.object(raw_store, '_pwrite', pwrite)
+
+
 def test_a_killed_prepare_goes_on_and_a_full_disk_loses_nothing(
     tiny_config, tmp_path, monkeypatch):
   whole = _store(tiny_config, str(tmp_path / 'whole'), 'builtin')
   # Batches of 16, and the disk full at the fourth: three are kept.
   monkeypatch.setattr(sources, '_DECODE_BATCH', 16)
-  real_pwrite, calls = raw_store._pwrite, []
-
-  def full_at_the_fourth_batch(fd, data, offset):
-    calls.append(offset)
-    if len(calls) > 6:   # images and labels: two writes a batch
-      raise OSError(errno.ENOSPC, 'No space left on device')
-    real_pwrite(fd, data, offset)
-
   out = str(tmp_path / 'store')
-  with mock.patch.object(raw_store, '_pwrite', full_at_the_fourth_batch):
+  with _disk_full_after_batches(3):
     with pytest.raises(OSError, match='No space left'):
       _store(tiny_config, out, 'builtin')
   assert os.path.exists(os.path.join(out, sources.UNFINISHED_COPY))
@@ -272,15 +277,7 @@ def test_a_store_straight_from_imagenet_s_tars_holds_their_images_in_order(
   tiny_config.dataset.format = 'raw'
   store = str(tmp_path / 'store')
   monkeypatch.setattr(sources, '_DECODE_BATCH', 4)
-  real_pwrite, calls = raw_store._pwrite, []
-
-  def full_at_the_third_batch(fd, data, offset):
-    calls.append(offset)
-    if len(calls) > 4:   # images and labels: two writes a batch
-      raise OSError(errno.ENOSPC, 'No space left on device')
-    real_pwrite(fd, data, offset)
-
-  with mock.patch.object(raw_store, '_pwrite', full_at_the_third_batch):
+  with _disk_full_after_batches(2):
     with pytest.raises(OSError, match='No space left'):
       dataset_tools.prepare(tiny_config, store)
   assert raw_store.rows_written(store, 'train', 1, 0) == 8
