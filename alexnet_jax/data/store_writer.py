@@ -38,11 +38,12 @@ class _Rows:
   stopped_by: Callable[[], str] = lambda: ''
 
 
-def _after_the_others(local: int) -> int:
-  """This process's first row where each process's block follows those of
-  the processes before it."""
+def _after_the_others(local: int) -> tuple[int, int]:
+  """(this process's first row, the rows of all processes) where each
+  process's block of `local` rows follows those of the processes before
+  it."""
   shares = distributed.all_processes(np.asarray(local, np.int64))
-  return int(shares[:jax.process_index()].sum())
+  return int(shares[:jax.process_index()].sum()), int(shares.sum())
 
 
 def _source_rows(src: sources.Source) -> _Rows:
@@ -54,7 +55,7 @@ def _source_rows(src: sources.Source) -> _Rows:
                  lambda row: tf.data.Dataset.range(row, stop).map(
                      src.lookup, num_parallel_calls=tf.data.AUTOTUNE,
                      deterministic=True))
-  first = _after_the_others(src.num_local)
+  first, _ = _after_the_others(src.num_local)
   return _Rows(src.num_examples, first, src.num_local,
                lambda row: src.examples.skip(row - first))
 
@@ -63,8 +64,7 @@ def _archive_rows(manual: str, split: str, classes) -> _Rows:
   path = os.path.join(manual, imagenet_archives.SPLITS[split])
   local = imagenet_archives.share_count(
       path, split, imagenet_archives.check_archive(path))
-  first = _after_the_others(local)
-  total = int(distributed.all_processes(np.asarray(local, np.int64)).sum())
+  first, total = _after_the_others(local)
   labels = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
       tf.constant(classes), tf.range(len(classes), dtype=tf.int64)), -1)
   readings = []
@@ -156,10 +156,11 @@ def _write_split(config, out_dir: str, split: str, rows: _Rows,
         f'({e.message.splitlines()[0]}): remove it, then run the same '
         f'command again') from e
   if done + written < rows.count:
+    reason = rows.stopped_by()
     raise errors.DatasetError(
         f'{split} of {source} ended after {done + written:,} of this '
-        f'process\'s {rows.count:,} images'
-        f'{": " + rows.stopped_by() if rows.stopped_by() else ""}; the '
-        f'images written so far stay, and the same command goes on from them')
+        f'process\'s {rows.count:,} images{": " + reason if reason else ""}; '
+        f'the images written so far stay, and the same command goes on from '
+        f'them')
   return distributed.all_processes(
       np.asarray((done, written), np.int64)).sum(0)

@@ -170,9 +170,10 @@ def leave(together: bool = False) -> None:
   at one step), so they first meet at a barrier. Then every process but 0
   shuts its client down, and process 0, which hosts the coordination
   service, stops it only once its watch sees the others gone (at most the
-  heartbeat timeout) and they have had time to finish leaving. With recoverability on, JAX's own shutdown barrier
-  no longer waits for the others, and a client whose service stops before
-  it has shut down aborts."""
+  heartbeat timeout) and they have had time to finish leaving. With
+  recoverability on, JAX's own shutdown barrier no longer waits for the
+  others, and a client whose service stops before it has shut down
+  aborts."""
   if _client() is None:
     return   # a single process, or one that never joined
   if together:

@@ -24,13 +24,14 @@ def run(config, workdir: str, checkpoint: str = 'latest',
   at the checkpoint's step. data_note: inference.with_training_data's.
   """
   started = time.monotonic()
+  checkpoints.check_class_names(workdir, sources.class_names(config),
+                                config.dataset.name)
   mesh = parallel.make_mesh(config)
   specs = (f'{workdir}@{checkpoint}', *ensemble)
   params, member_steps = zip(*[
       inference.restore_params(config, mesh, spec, allow_config_change)
       for spec in specs])
   src = sources.training_source(config, config.dataset.eval_split)
-  checkpoints.check_class_names(workdir, src.class_names, config.dataset.name)
   metrics = evaluation.evaluate_params(
       config, mesh, steps.make_eval_step(config, mesh), params, src)
   step = member_steps[0]

@@ -348,7 +348,9 @@ def save_class_names(workdir: str, class_names) -> None:
 
 def check_class_names(workdir: str, class_names, dataset: str) -> None:
   """Refuse data whose labels name other classes than those workdir's
-  network was trained on (runs from before the file are not checked)."""
+  network was trained on (runs from before the file are not checked).
+  Callers pass sources.class_names, from the dataset's metadata, so that
+  the refusal comes before any image is read."""
   path = os.path.join(workdir, CLASSES_FILE)
   if not os.path.exists(path):
     return

@@ -194,11 +194,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   to draw to TensorBoard at each evaluation (single-process runs only, where
   one process holds all the parameters).
   """
+  checkpoints.check_class_names(workdir, sources.class_names(config),
+                                config.dataset.name)
   train_src = sources.training_source(config, config.dataset.train_split)
   eval_src = sources.training_source(config, config.dataset.eval_split)
   names = sources.output_names(config, train_src.class_names)
-  checkpoints.check_class_names(workdir, train_src.class_names,
-                                config.dataset.name)
   steps_per_epoch = stream.steps_per_epoch(config, train_src.num_examples)
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
@@ -220,7 +220,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
           f'num_epochs) to train on, or evaluate it with --mode=eval')
     if step == total_steps:
       console.report(f'the checkpoint in {mngr.directory} is at step '
-                           f'{step} of {total_steps}: training is complete')
+                     f'{step} of {total_steps}: training is complete')
       return state
     _write_config(config, workdir)
     checkpoints.save_class_names(workdir, train_src.class_names)
